@@ -1,0 +1,72 @@
+"""Initialising SwinUNETR's encoder from a self-supervised `model_swinvit.pt`, loudly.
+
+`SwinUNETR.load_from` copies the encoder but says nothing about what it loaded and fails deep inside with an
+unnamed shape error when the file does not fit. This loader checks every encoder tensor first, names the file
+and the first mismatch, and logs how many tensors it loaded, so fine-tuning never starts from random weights
+by accident.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from monai.networks.utils import copy_model_state
+
+logger = logging.getLogger(__name__)
+
+ENCODER_PREFIX = "swinViT."  # SwinUNETR's attribute holding the Swin transformer
+FILE_PREFIX = "module."  # key prefix of the released (DataParallel-saved) model_swinvit.pt
+# The released file names the block MLP layers as timm does; MONAI's MLPBlock calls them linear1/linear2.
+_RENAMES = ((".mlp.linear1.", ".mlp.fc1."), (".mlp.linear2.", ".mlp.fc2."))
+
+
+def file_key(network_key: str) -> str:
+    """Key in a `model_swinvit.pt` state_dict of the SwinUNETR state_dict entry `network_key` (`swinViT.*`)."""
+    key = FILE_PREFIX + network_key[len(ENCODER_PREFIX) :]
+    for ours, theirs in _RENAMES:
+        key = key.replace(ours, theirs)
+    return key
+
+
+def encoder_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The encoder entries of a SwinUNETR state_dict, keyed as in `model_swinvit.pt`."""
+    return {file_key(k): v for k, v in network.state_dict().items() if k.startswith(ENCODER_PREFIX)}
+
+
+def load_encoder(network: torch.nn.Module, path: str) -> int:
+    """Copies every encoder tensor of `network` (a SwinUNETR) from the file at `path`; returns how many.
+
+    Raises FileNotFoundError / ValueError naming `path` when the file is missing, is not an encoder file, or was
+    made for a different network (feature_size, depths, in_channels), leaving `network` unchanged.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained_path {path!r} does not exist (set use_pretrained=false to train from scratch).")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    weights = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(weights, dict) or f"{FILE_PREFIX}patch_embed.proj.weight" not in weights:
+        raise ValueError(
+            f"pretrained_path {path!r} is not a Swin UNETR encoder file: expected a state_dict with "
+            f"'{FILE_PREFIX}patch_embed.proj.weight' (the layout of model_swinvit.pt)."
+        )
+    params = {n for n, _ in network.named_parameters()}
+    source: dict[str, torch.Tensor] = {}
+    for name, target in network.state_dict().items():
+        if not name.startswith(ENCODER_PREFIX):
+            continue
+        key = file_key(name)
+        if key not in weights:
+            if name in params:  # buffers (e.g. relative_position_index) are derived from the architecture
+                raise ValueError(f"pretrained_path {path!r} lacks encoder tensor {key!r}; it does not match the network.")
+            continue
+        if weights[key].shape != target.shape:
+            raise ValueError(
+                f"pretrained_path {path!r} does not match the network: {key!r} is {tuple(weights[key].shape)} in the "
+                f"file but {tuple(target.shape)} in the network (check feature_size and in_channels)."
+            )
+        source[name] = weights[key]
+    _, loaded, _ = copy_model_state(network, source, inplace=True)
+    num_encoder = sum(1 for n in network.state_dict() if n.startswith(ENCODER_PREFIX))
+    logger.info(f"loaded {len(loaded)} of {num_encoder} encoder tensors from {path}")
+    return len(loaded)
