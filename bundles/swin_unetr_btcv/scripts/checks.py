@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 # SwinUNETR halves the resolution five times (patch embedding + four merging stages).
@@ -17,6 +18,6 @@ def check_roi_size(roi_size: Sequence[int], name: str = "roi_size") -> list[int]
     if bad:
         raise ValueError(
             f"{name}={sizes} is not divisible by {SWIN_DIVISOR} (SwinUNETR downsamples 5 times); "
-            f"use e.g. {[max(SWIN_DIVISOR, round(s / SWIN_DIVISOR) * SWIN_DIVISOR) for s in sizes]}."
+            f"use e.g. {[math.ceil(s / SWIN_DIVISOR) * SWIN_DIVISOR for s in sizes]}."
         )
     return sizes

@@ -1,0 +1,74 @@
+"""Shared fixtures: synthetic CT data, tiny bundle settings and a runner for `python -m monai.bundle`."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+sys.path.insert(0, str(REPO / "ci"))
+
+import synthetic_ct  # noqa: E402
+
+# Small enough for 2 CPU cores: SwinUNETR needs sides divisible by 32, and 32^3 leaves a 1^3 bottleneck that
+# instance norm cannot normalise, so 64^3 is the smallest usable patch.
+TINY = {
+    "feature_size": 12,
+    "roi_size": [64, 64, 64],
+    "num_samples": 1,
+    "num_workers": 0,
+    "use_checkpoint": False,
+    "warmup_epochs": 1,
+    "sw_batch_size": 2,
+}
+SMALL_SHAPE = (120, 110, 36)  # voxels at 0.8 x 0.8 x 2.5 mm: about 64 x 59 x 45 after resampling
+
+
+def overrides_to_args(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", repr(value) if isinstance(value, str) else str(value).replace(" ", "")]
+    return args
+
+
+def run_bundle(
+    configs: Sequence[str | Path], run_id: str | None = None, torchrun: int = 0, check: bool = True, **overrides
+) -> subprocess.CompletedProcess:
+    """Runs `python -m monai.bundle run` (or under `torchrun`) as a user would; returns the finished process."""
+    files = [str(c) for c in configs]
+    config_arg = files[0] if len(files) == 1 else str(files)
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
+    cmd = launcher + ["-m", "monai.bundle", "run"] + ([run_id] if run_id else []) + ["--config_file", config_arg]
+    cmd += overrides_to_args(overrides)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    # a hung distributed run must fail the test, not stall the suite
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def load_bundle_scripts(bundle: str):
+    """Imports a bundle's `scripts` package fresh (each bundle has its own package of that name)."""
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(BUNDLES / bundle))
+    try:
+        return importlib.import_module("scripts")
+    finally:
+        sys.path.remove(str(BUNDLES / bundle))
+
+
+@pytest.fixture(scope="session")
+def btcv_data(tmp_path_factory) -> Path:
+    """Five labelled cases (four train, one validation by default) and one test case in the BTCV layout."""
+    out = tmp_path_factory.mktemp("btcv")
+    return Path(synthetic_ct.generate(str(out), layout="btcv", num_train=5, num_test=1, shape=SMALL_SHAPE, seed=1))

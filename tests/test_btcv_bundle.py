@@ -1,0 +1,260 @@
+"""The BTCV bundle end to end through `python -m monai.bundle`: train, resume, evaluate, infer, multi-GPU, export."""
+
+import csv
+import re
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLES, SCHEMA, TINY, load_bundle_scripts, run_bundle, synthetic_ct
+from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+from monai.transforms import LoadImage
+
+BUNDLE = BUNDLES / "swin_unetr_btcv"
+CONFIGS = BUNDLE / "configs"
+TRAIN, EVALUATE, INFERENCE = CONFIGS / "train.json", CONFIGS / "evaluate.json", CONFIGS / "inference.json"
+MULTI_GPU = CONFIGS / "multi_gpu_train.json"
+BEST_DICE = re.compile(r"Key metric: val_mean_dice best value: ([0-9.]+)")
+
+
+def loss_values(log: str) -> list[float]:
+    return [float(v) for v in re.findall(r"train_loss: ([0-9.]+)", log)]
+
+
+@pytest.fixture(scope="module")
+def trained(btcv_data, tmp_path_factory):
+    """Two epochs of tiny training on the synthetic set; returns (run folder, process)."""
+    out = tmp_path_factory.mktemp("btcv_run")
+    proc = run_bundle(
+        [TRAIN], "training", dataset_dir=str(btcv_data), ckpt_dir=str(out / "models"), output_dir=str(out / "eval"),
+        max_epochs=2, val_interval=1, learning_rate=1e-3, **TINY,
+    )  # fmt: skip
+    return out, proc
+
+
+def test_training_writes_checkpoints_and_validates(trained):
+    out, proc = trained
+    log = proc.stdout + proc.stderr
+    assert (out / "models" / "model.pt").is_file()
+    assert (out / "models" / "checkpoint_epoch=2.pt").is_file()
+    assert len(loss_values(log)) == 8  # 4 training cases x 2 epochs, batch 1
+    dice = [float(v) for v in BEST_DICE.findall(log)]
+    assert len(dice) == 2 and all(0.0 <= d <= 1.0 for d in dice)
+    assert list((out / "eval").glob("events.out.tfevents.*"))
+    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert state["swinViT.patch_embed.proj.weight"].shape == (12, 1, 2, 2, 2)
+    assert state["out.conv.conv.weight"].shape[0] == 14
+
+
+def test_plain_run_also_trains(btcv_data, tmp_path):
+    proc = run_bundle(
+        [TRAIN], dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"),
+        max_epochs=1, val_interval=1, **TINY,
+    )  # fmt: skip
+    assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
+    assert "Engine run finished" in proc.stdout + proc.stderr
+
+
+def test_resume_continues_from_latest_checkpoint(trained, btcv_data, tmp_path):
+    out, _ = trained
+    shutil.copytree(out / "models", tmp_path / "models")
+    proc = run_bundle(
+        [TRAIN], "training", dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"), max_epochs=3, val_interval=1, resume=True, **TINY,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert "Restored all variables from" in log and "checkpoint_epoch=2.pt" in log
+    assert "Epoch: 3/3" in log and "Epoch: 1/3" not in log
+    assert len(loss_values(log)) == 4  # only the third epoch ran
+    resumed = torch.load(tmp_path / "models" / "checkpoint_epoch=3.pt", weights_only=False)
+    assert resumed["trainer"]["iteration"] == 12 and resumed["trainer"]["epoch_length"] == 4
+
+
+def test_resume_without_checkpoint_is_a_clear_error(btcv_data, tmp_path):
+    proc = run_bundle(
+        [TRAIN], "training", check=False, dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "empty"),
+        output_dir=str(tmp_path / "eval"), max_epochs=1, resume=True, **TINY,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "resume=true but ckpt_dir" in proc.stderr
+
+
+def test_evaluate_writes_per_case_metrics(trained, btcv_data):
+    out, _ = trained
+    proc = run_bundle(
+        [TRAIN, EVALUATE], dataset_dir=str(btcv_data), ckpt_dir=str(out / "models"),
+        output_dir=str(out / "evaluation"), val_fraction=0.4, **TINY,
+    )  # fmt: skip
+    assert re.search(r"val_mean_dice: [0-9.]+", proc.stdout + proc.stderr)
+    for metric in ("val_mean_dice", "val_hd95", "val_nsd"):
+        with open(out / "evaluation" / f"{metric}_raw.csv") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == ["filename"] + [f"class{i}" for i in range(13)] + ["mean"]
+        assert [r[0].rsplit("/", 1)[-1] for r in rows[1:]] == ["img0004.nii.gz", "img0005.nii.gz"]
+        assert all(len(r) == 15 for r in rows[1:])
+    with open(out / "evaluation" / "metrics.csv") as f:
+        summary = dict(csv.reader(f))
+    assert set(summary) == {"val_mean_dice", "val_hd95", "val_nsd"}
+    assert 0.0 <= float(summary["val_mean_dice"]) <= 1.0
+
+
+def test_inference_keeps_input_geometry(trained, tmp_path):
+    out, _ = trained
+    images = tmp_path / "images"
+    images.mkdir()
+    image, _, affine = synthetic_ct.make_case(seed=21, shape=(101, 87, 30))
+    # Axes permuted to S, L, P: not RAS and no side a multiple of 32.
+    permuted, permuted_affine = np.transpose(image, (2, 0, 1)), affine[:, [2, 0, 1, 3]]
+    synthetic_ct.save_nifti(permuted, permuted_affine, str(images / "case_sla.nii.gz"))
+    synthetic_ct.write_dicom_series(image, affine, str(images / "dicom_case"))
+    run_bundle(
+        [INFERENCE], dataset_dir=str(images), ckpt_dir=str(out / "models"), output_dir=str(tmp_path / "pred"), **TINY
+    )
+    seg = nib.load(tmp_path / "pred" / "case_sla_seg.nii.gz")
+    assert nib.aff2axcodes(permuted_affine) == ("S", "L", "P")
+    assert seg.shape == permuted.shape
+    np.testing.assert_allclose(seg.affine, permuted_affine, atol=1e-4)
+    labels = np.asarray(seg.dataobj)
+    assert np.issubdtype(labels.dtype, np.integer) and labels.min() >= 0 and labels.max() <= 13
+
+    dicom_seg = nib.load(tmp_path / "pred" / "dicom_case_seg.nii.gz")
+    dicom_image = LoadImage(image_only=True)(str(images / "dicom_case"))
+    assert dicom_seg.shape == tuple(dicom_image.shape)
+    np.testing.assert_allclose(dicom_seg.affine, dicom_image.affine.numpy(), atol=1e-4)
+
+
+def test_roi_size_not_divisible_by_32_fails_before_training(btcv_data, tmp_path):
+    proc = run_bundle(
+        [TRAIN], "training", check=False, dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "m"),
+        **dict(TINY, roi_size=[80, 64, 64]),
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "roi_size=[80, 64, 64] is not divisible by 32" in proc.stderr
+    assert "Epoch: 1" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing", "does not exist or is not a folder"),
+    ("empty", "imagesTr holds no NIfTI images"),
+    ("unlabelled", "have no label in labelsTr: img0002.nii.gz"),
+    ("label_17", "holds values [17] outside 0..13"),
+])  # fmt: skip
+def test_bad_data_is_a_clear_error(breakage, message, tmp_path):
+    data = tmp_path / "data"
+    synthetic_ct.generate(str(data), num_train=3, num_test=0, shape=(48, 44, 12))
+    if breakage == "missing":
+        shutil.rmtree(data)
+    elif breakage == "empty":
+        shutil.rmtree(data / "imagesTr")
+        (data / "imagesTr").mkdir()
+    elif breakage == "unlabelled":
+        (data / "labelsTr" / "label0002.nii.gz").unlink()
+    else:
+        path = data / "labelsTr" / "label0003.nii.gz"
+        label = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(label.dataobj) + 4, label.affine), path)
+    proc = run_bundle([TRAIN], "training", check=False, dataset_dir=str(data), ckpt_dir=str(tmp_path / "m"), **TINY)
+    assert proc.returncode != 0
+    first_error = next(line for line in proc.stderr.splitlines() if re.match(r"^\w+(Error|Exception):", line))
+    assert message in first_error, first_error
+
+
+def test_multi_gpu_config_runs_two_processes_on_cpu(btcv_data, tmp_path):
+    proc = run_bundle(
+        [TRAIN, MULTI_GPU], "training", torchrun=2, dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=1, val_fraction=0.4, **TINY,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
+    assert (tmp_path / "models" / "model.pt").is_file()
+    # 3 training cases shared by 2 ranks (padded to 4): each rank runs 2 iterations; only rank 0 logs them.
+    assert len(loss_values(log)) == 2
+    writers = {p.name.split(".")[-2] for p in (tmp_path / "eval").glob("events.out.tfevents.*")}
+    assert len(writers) == 1, "only rank 0 writes TensorBoard logs"
+
+
+@pytest.mark.parametrize("workflow_type, config", [("train", TRAIN), ("infer", INFERENCE)])
+def test_workflow_properties_are_complete(workflow_type, config, btcv_data):
+    load_bundle_scripts("swin_unetr_btcv")  # the parser locates `scripts.*` lazily
+    workflow = ConfigWorkflow(
+        config_file=str(config), meta_file=str(CONFIGS / "metadata.json"), logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type=workflow_type, dataset_dir=str(btcv_data),
+    )  # fmt: skip
+    workflow.initialize()
+    assert not workflow.check_properties()
+    assert workflow.bundle_root == str(BUNDLE)
+
+
+def test_metadata_is_valid(tmp_path):
+    schema = tmp_path / "schema.json"
+    if SCHEMA.is_file():
+        shutil.copy(SCHEMA, schema)
+    try:
+        verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(schema))
+    except Exception as e:  # no local schema and no network: the only reason to skip
+        if not SCHEMA.is_file() and "download" in str(e).lower() + type(e).__name__.lower():
+            pytest.skip(f"no schema at {SCHEMA} and it cannot be downloaded here: {e}")
+        raise
+
+
+def test_network_matches_metadata():
+    verify_net_in_out(
+        net_id="network_def", meta_file=str(CONFIGS / "metadata.json"), config_file=str(INFERENCE),
+        device="cpu", feature_size=12, **{"_meta_#network_data_format#inputs#image#spatial_shape": [64, 64, 64],
+                                          "_meta_#network_data_format#outputs#pred#spatial_shape": [64, 64, 64]},
+    )  # fmt: skip
+
+
+def test_torchscript_export_matches_eager(trained, tmp_path):
+    out, _ = trained
+    ts_path = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def", filepath=str(ts_path), ckpt_file=str(out / "models" / "model.pt"),
+        meta_file=str(CONFIGS / "metadata.json"), config_file=str(INFERENCE), use_trace=True,
+        input_shape=[1, 1, 64, 64, 64], feature_size=12,
+    )  # fmt: skip
+    scripted = torch.jit.load(str(ts_path))
+    from monai.networks.nets import SwinUNETR
+
+    eager = SwinUNETR(1, 14, feature_size=12)
+    eager.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True))
+    eager.eval()
+    x = torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), eager(x), atol=1e-4, rtol=1e-4)
+
+
+def test_pretrained_encoder_is_loaded_into_fine_tuning(btcv_data, tmp_path):
+    from monai.networks.nets import SwinUNETR
+
+    scripts = load_bundle_scripts("swin_unetr_btcv")
+    torch.manual_seed(5)
+    source = SwinUNETR(1, 14, feature_size=12)
+    torch.save({"state_dict": scripts.pretrained.encoder_state(source)}, tmp_path / "model_swinvit.pt")
+    proc = run_bundle(
+        [TRAIN], "training", dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=1, use_pretrained=True,
+        pretrained_path=str(tmp_path / "model_swinvit.pt"), learning_rate=0.0, **TINY,
+    )  # fmt: skip
+    assert re.search(r"loaded 126 of 126 encoder tensors from .*model_swinvit.pt", proc.stdout + proc.stderr)
+    # learning rate 0: the saved network still holds the pre-trained encoder exactly
+    saved = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    for key, value in source.state_dict().items():
+        if key.startswith("swinViT."):
+            torch.testing.assert_close(saved[key], value)
+
+
+def test_mismatched_pretrained_file_is_refused(btcv_data, tmp_path):
+    from monai.networks.nets import SwinUNETR
+
+    scripts = load_bundle_scripts("swin_unetr_btcv")
+    torch.save({"state_dict": scripts.pretrained.encoder_state(SwinUNETR(1, 14, feature_size=24))}, tmp_path / "f24.pt")
+    proc = run_bundle(
+        [TRAIN], "training", check=False, dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"),
+        use_pretrained=True, pretrained_path=str(tmp_path / "f24.pt"), **TINY,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "f24.pt' does not match the network" in proc.stderr
+    assert not (tmp_path / "models").exists()

@@ -1,0 +1,215 @@
+"""Unit tests of the BTCV bundle's own components (bundles/swin_unetr_btcv/scripts)."""
+
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL_SHAPE, load_bundle_scripts, synthetic_ct
+from monai.data import MetaTensor
+from monai.metrics import HausdorffDistanceMetric
+from monai.networks.nets import SwinUNETR
+
+scripts = load_bundle_scripts("swin_unetr_btcv")
+from scripts import checkpoints, checks, datalist, metrics, pretrained  # noqa: E402
+
+
+@pytest.fixture()
+def small_btcv(tmp_path):
+    return synthetic_ct.generate(str(tmp_path / "btcv"), num_train=5, num_test=1, shape=(48, 44, 12), seed=4)
+
+
+def test_bundle_root_is_the_bundle_folder():
+    root = scripts.bundle_root()
+    assert os.path.isfile(os.path.join(root, "configs", "train.json"))
+
+
+# --- data lists -------------------------------------------------------------------------------------------------
+def test_folder_pairs_and_split(small_btcv):
+    split = datalist.build_datalist(small_btcv, val_fraction=0.2)
+    assert [os.path.basename(p["image"]) for p in split["training"]] == [f"img000{i}.nii.gz" for i in range(1, 5)]
+    assert [os.path.basename(p["label"]) for p in split["validation"]] == ["label0005.nii.gz"]
+    assert len(datalist.build_datalist(small_btcv, val_fraction=0.4)["validation"]) == 2
+
+
+def test_datalist_json_with_validation(small_btcv, tmp_path):
+    spec = {
+        "training": [{"image": "imagesTr/img0001.nii.gz", "label": "labelsTr/label0001.nii.gz"}],
+        "validation": [{"image": "imagesTr/img0002.nii.gz", "label": "labelsTr/label0002.nii.gz"}],
+    }
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(spec))
+    split = datalist.build_datalist(small_btcv, str(path))
+    assert split["training"][0]["image"] == os.path.join(small_btcv, "imagesTr", "img0001.nii.gz")
+    assert split["validation"][0]["label"] == os.path.join(small_btcv, "labelsTr", "label0002.nii.gz")
+
+
+def test_datalist_json_without_validation_is_split(small_btcv, tmp_path):
+    items = [{"image": f"imagesTr/img000{i}.nii.gz", "label": f"labelsTr/label000{i}.nii.gz"} for i in range(1, 6)]
+    path = tmp_path / "train_only.json"
+    path.write_text(json.dumps({"training": items}))
+    split = datalist.build_datalist(small_btcv, str(path), val_fraction=0.4)
+    assert len(split["training"]) == 3 and len(split["validation"]) == 2
+
+
+def test_missing_dataset_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"dataset_dir '.*nowhere' does not exist"):
+        datalist.build_datalist(str(tmp_path / "nowhere"))
+
+
+def test_empty_images_folder(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    with pytest.raises(FileNotFoundError, match="imagesTr holds no NIfTI images"):
+        datalist.build_datalist(str(tmp_path))
+
+
+def test_folder_without_imagesTr(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no imagesTr folder"):
+        datalist.build_datalist(str(tmp_path))
+
+
+def test_images_without_labels_are_named(small_btcv):
+    os.remove(os.path.join(small_btcv, "labelsTr", "label0003.nii.gz"))
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) in imagesTr have no label in labelsTr: img0003.nii.gz"):
+        datalist.build_datalist(small_btcv)
+
+
+def test_label_values_above_13_are_refused(small_btcv):
+    path = os.path.join(small_btcv, "labelsTr", "label0002.nii.gz")
+    label = nib.load(path)
+    data = np.asarray(label.dataobj).copy()
+    data[0, 0, 0] = 17
+    nib.save(nib.Nifti1Image(data, label.affine), path)
+    with pytest.raises(ValueError, match=r"label0002.nii.gz' holds values \[17\] outside 0..13"):
+        datalist.build_datalist(small_btcv)
+
+
+def test_label_shape_mismatch_is_refused(small_btcv):
+    path = os.path.join(small_btcv, "labelsTr", "label0001.nii.gz")
+    label = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[:-1], label.affine), path)
+    with pytest.raises(ValueError, match="label0001.nii.gz' has shape"):
+        datalist.build_datalist(small_btcv)
+
+
+def test_single_case_cannot_be_split(tmp_path):
+    synthetic_ct.generate(str(tmp_path), num_train=1, num_test=0, shape=(48, 44, 12))
+    with pytest.raises(ValueError, match="at least 2 labelled cases"):
+        datalist.build_datalist(str(tmp_path))
+
+
+def test_list_images_finds_nifti_and_dicom_series(small_btcv):
+    image, _, affine = synthetic_ct.make_case(seed=9, shape=(48, 44, 6))
+    synthetic_ct.write_dicom_series(image, affine, os.path.join(small_btcv, "imagesTs", "series"))
+    found = [os.path.basename(d["image"]) for d in datalist.list_images(small_btcv)]
+    assert found == ["img0006.nii.gz", "series"]
+    single = os.path.join(small_btcv, "imagesTs", "img0006.nii.gz")
+    assert datalist.list_images(single) == [{"image": single}]
+
+
+def test_list_images_in_empty_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no NIfTI images"):
+        datalist.list_images(str(tmp_path))
+
+
+# --- settings checks --------------------------------------------------------------------------------------------
+def test_roi_size_must_be_divisible_by_32():
+    assert checks.check_roi_size([96, 96, 64]) == [96, 96, 64]
+    with pytest.raises(ValueError, match=r"roi_size=\[96, 80, 96\] is not divisible by 32.*\[96, 96, 96\]"):
+        checks.check_roi_size([96, 80, 96])
+    with pytest.raises(ValueError, match="must be 3 positive integers"):
+        checks.check_roi_size([96, 96])
+
+
+# --- resume -----------------------------------------------------------------------------------------------------
+def test_latest_checkpoint_picks_highest_epoch(tmp_path):
+    for name in ["checkpoint_epoch=2.pt", "checkpoint_epoch=10.pt", "model.pt"]:
+        (tmp_path / name).write_bytes(b"")
+    assert checkpoints.latest_checkpoint(str(tmp_path)).endswith("checkpoint_epoch=10.pt")
+    shutil.rmtree(tmp_path)
+    with pytest.raises(FileNotFoundError, match="resume=true but ckpt_dir"):
+        checkpoints.latest_checkpoint(str(tmp_path))
+
+
+# --- metrics in millimetres -------------------------------------------------------------------------------------
+def test_hausdorff_uses_spacing_from_affine():
+    pred = torch.zeros(1, 2, 16, 16, 16)
+    target = torch.zeros(1, 2, 16, 16, 16)
+    pred[:, 1, 4:8, 4:8, 4:8] = 1
+    target[:, 1, 4:8, 4:8, 6:10] = 1  # shifted by 2 voxels along the last axis
+    pred[:, 0], target[:, 0] = 1 - pred[:, 1], 1 - target[:, 1]
+    affine = torch.diag(torch.tensor([0.8, 0.8, 2.5, 1.0]))
+    in_voxels = HausdorffDistanceMetric(include_background=False)(pred, target)
+    in_mm = metrics.HausdorffDistanceMM(include_background=False)(pred, MetaTensor(target, affine=affine))
+    assert in_voxels.item() == pytest.approx(2.0)
+    assert in_mm.item() == pytest.approx(5.0)
+
+
+def test_surface_dice_tolerance_in_mm():
+    pred = torch.zeros(1, 2, 16, 16, 16)
+    target = torch.zeros(1, 2, 16, 16, 16)
+    pred[:, 1, 4:10, 4:10, 4:10] = 1
+    target[:, 1, 4:10, 4:10, 5:11] = 1  # one voxel = 2.5 mm along the last axis
+    pred[:, 0], target[:, 0] = 1 - pred[:, 1], 1 - target[:, 1]
+    affine = torch.diag(torch.tensor([1.0, 1.0, 2.5, 1.0]))
+    strict = metrics.SurfaceDiceMM(class_thresholds=[1.0], include_background=False)
+    loose = metrics.SurfaceDiceMM(class_thresholds=[3.0], include_background=False)
+    assert strict(pred, MetaTensor(target, affine=affine)).item() < 0.9
+    assert loose(pred, MetaTensor(target, affine=affine)).item() == pytest.approx(1.0)
+
+
+# --- pretrained encoder -----------------------------------------------------------------------------------------
+def _encoder_file(path, feature_size=12, seed=0):
+    torch.manual_seed(seed)
+    source = SwinUNETR(1, 14, feature_size=feature_size)
+    torch.save({"state_dict": pretrained.encoder_state(source)}, path)
+    return source
+
+
+def test_encoder_file_keys_match_released_layout():
+    keys = pretrained.encoder_state(SwinUNETR(1, 14, feature_size=12)).keys()
+    assert "module.patch_embed.proj.weight" in keys
+    assert "module.layers1.0.blocks.0.mlp.fc1.weight" in keys
+    assert not any(k.startswith("swinViT") or ".linear1." in k for k in keys)
+
+
+def test_load_encoder_copies_every_encoder_tensor(tmp_path):
+    source = _encoder_file(tmp_path / "enc.pt")
+    torch.manual_seed(1)
+    target = SwinUNETR(1, 14, feature_size=12)
+    decoder_before = target.out.conv.conv.weight.clone()
+    loaded = pretrained.load_encoder(target, str(tmp_path / "enc.pt"))
+    encoder = {k: v for k, v in source.state_dict().items() if k.startswith("swinViT.")}
+    assert loaded == len(encoder)
+    for key, value in encoder.items():
+        torch.testing.assert_close(target.state_dict()[key], value)
+    torch.testing.assert_close(target.out.conv.conv.weight, decoder_before)
+
+
+def test_load_encoder_agrees_with_swinunetr_load_from(tmp_path):
+    _encoder_file(tmp_path / "enc.pt")
+    ours, theirs = SwinUNETR(1, 14, feature_size=12), SwinUNETR(1, 14, feature_size=12)
+    pretrained.load_encoder(ours, str(tmp_path / "enc.pt"))
+    theirs.load_from(torch.load(tmp_path / "enc.pt", weights_only=True))
+    for key, value in theirs.swinViT.state_dict().items():
+        torch.testing.assert_close(ours.swinViT.state_dict()[key], value)
+
+
+def test_load_encoder_refuses_wrong_feature_size(tmp_path):
+    _encoder_file(tmp_path / "enc24.pt", feature_size=24)
+    target = SwinUNETR(1, 14, feature_size=12)
+    before = target.swinViT.patch_embed.proj.weight.clone()
+    with pytest.raises(ValueError, match=r"enc24.pt' does not match the network: 'module.patch_embed.proj.weight'"):
+        pretrained.load_encoder(target, str(tmp_path / "enc24.pt"))
+    torch.testing.assert_close(target.swinViT.patch_embed.proj.weight, before)
+
+
+def test_load_encoder_refuses_non_encoder_file(tmp_path):
+    torch.save(SwinUNETR(1, 14, feature_size=12).state_dict(), tmp_path / "whole_model.pt")
+    with pytest.raises(ValueError, match="is not a Swin UNETR encoder file"):
+        pretrained.load_encoder(SwinUNETR(1, 14, feature_size=12), str(tmp_path / "whole_model.pt"))
+    with pytest.raises(FileNotFoundError, match="pretrained_path .* does not exist"):
+        pretrained.load_encoder(SwinUNETR(1, 14, feature_size=12), str(tmp_path / "missing.pt"))
