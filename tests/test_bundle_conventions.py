@@ -1,0 +1,63 @@
+"""Every bundle has the Model Zoo layout and exposes the project's public settings (see DEVELOPERS.md)."""
+
+import json
+
+import pytest
+from conftest import BUNDLES
+
+BUNDLE_NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
+REQUIRED_FILES = [
+    "LICENSE", "large_files.yml", "docs/README.md", "configs/metadata.json", "configs/logging.conf",
+    "configs/train.json", "configs/evaluate.json", "configs/inference.json", "configs/multi_gpu_train.json",
+]  # fmt: skip
+TRAIN_SETTINGS = [
+    "bundle_root", "dataset_dir", "datalist", "output_dir", "ckpt_dir", "device", "amp", "feature_size", "roi_size",
+    "num_samples", "batch_size", "max_epochs", "val_interval", "learning_rate", "num_workers", "cache_rate",
+]  # fmt: skip
+FINE_TUNING_SETTINGS = ["pretrained_path", "use_pretrained"]
+INFERENCE_SETTINGS = ["dataset_dir", "datalist", "output_dir", "roi_size", "sw_batch_size", "overlap", "device", "amp"]
+
+
+def test_bundles_are_found():
+    assert "swin_unetr_btcv" in BUNDLE_NAMES
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_required_files(bundle):
+    missing = [f for f in REQUIRED_FILES if not (BUNDLES / bundle / f).is_file()]
+    assert not missing, f"{bundle} lacks {missing}"
+
+
+def _settings_used(config_path, settings):
+    config = json.loads(config_path.read_text())
+    text = config_path.read_text()
+    missing = [s for s in settings if s not in config]
+    # a setting declared but never referenced would be overridable in name only
+    unused = [s for s in settings if s != "bundle_root" and f"@{s}" not in text]
+    return missing, unused
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_train_settings_are_exposed_and_used(bundle):
+    settings = TRAIN_SETTINGS + (FINE_TUNING_SETTINGS if bundle != "swin_unetr_pretrain" else [])
+    missing, unused = _settings_used(BUNDLES / bundle / "configs" / "train.json", settings)
+    assert not missing and not unused, f"missing {missing}, never referenced {unused}"
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_inference_settings_are_exposed_and_used(bundle):
+    missing, unused = _settings_used(BUNDLES / bundle / "configs" / "inference.json", INFERENCE_SETTINGS)
+    assert not missing and not unused, f"missing {missing}, never referenced {unused}"
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_inference_config_stands_alone_for_monai_label(bundle):
+    text = (BUNDLES / bundle / "configs" / "inference.json").read_text()
+    config = json.loads(text)
+    assert "@_meta_" not in text  # MONAI Label does not load the metadata into the parser
+    for key in ("network_def", "preprocessing", "postprocessing", "inferer", "bundle_root", "device"):
+        assert key in config, key
+    meta = json.loads((BUNDLES / bundle / "configs" / "metadata.json").read_text())
+    fmt = meta["network_data_format"]
+    assert next(iter(fmt["inputs"])) == "image" and next(iter(fmt["outputs"])) == "pred"
+    assert all(k.isdigit() for k in fmt["outputs"]["pred"]["channel_def"])
