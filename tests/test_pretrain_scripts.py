@@ -1,0 +1,203 @@
+"""Unit tests of the pre-training bundle's components (bundles/swin_unetr_pretrain/scripts)."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BUNDLES, load_bundle_scripts, synthetic_ct
+from monai.bundle import ConfigParser
+from monai.networks.nets import SwinUNETR
+
+load_bundle_scripts("swin_unetr_pretrain")
+from scripts import datalist, encoder_export, gradient_clipping, prepare_batch, ssl_head, ssl_loss, transforms  # noqa
+
+AXIAL = (1, 2)  # RAS axial plane of a channel-first (C, X, Y, Z) tensor
+
+
+def test_heads_output_shapes():
+    net = ssl_head.SSLHead(feature_size=12, projection_dim=32)
+    out = net(torch.rand(2, 1, 64, 64, 64))
+    assert out["rotation"].shape == (2, 4)
+    assert out["contrastive"].shape == (2, 32)
+    assert out["reconstruction"].shape == (2, 1, 64, 64, 64)
+
+
+def test_disabled_head_is_not_built():
+    net = ssl_head.SSLHead(feature_size=12, use_contrastive=False, use_rotation=False)
+    assert set(net(torch.rand(1, 1, 64, 64, 64))) == {"reconstruction"}
+    assert net.contrastive_head is None and net.rotation_head is None
+
+
+def test_encoder_is_swinunetr_encoder():
+    ssl_keys = {k for k in ssl_head.SSLHead(feature_size=12).state_dict() if k.startswith("swinViT.")}
+    seg_keys = {k for k in SwinUNETR(1, 14, feature_size=12).state_dict() if k.startswith("swinViT.")}
+    assert ssl_keys == seg_keys
+
+
+def _nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> float:
+    """NT-Xent written out: for each of the 2N embeddings, -log(exp(s_pos/t) / sum_{k != i} exp(s_ik/t))."""
+    z = torch.cat([a, b])
+    n = a.shape[0]
+    total = 0.0
+    for i in range(2 * n):
+        sims = [F.cosine_similarity(z[i], z[k], dim=0).item() for k in range(2 * n)]
+        positive = sims[(i + n) % (2 * n)]
+        denominator = sum(math.exp(s / temperature) for k, s in enumerate(sims) if k != i)
+        total += -math.log(math.exp(positive / temperature) / denominator)
+    return total / (2 * n)
+
+
+def test_contrastive_term_is_nt_xent():
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 8), torch.randn(3, 8)
+    loss = ssl_loss.SSLLoss(inpaint_weight=0, rot_weight=0, temperature=0.5)
+    value = loss({"contrastive": torch.cat([a, b])}, {})
+    assert value.item() == pytest.approx(_nt_xent(a, b, 0.5), rel=1e-5)
+    assert loss.terms == {"contrast": pytest.approx(value.item())}
+
+
+def test_matching_views_score_lower_than_random_views():
+    torch.manual_seed(1)
+    a = torch.randn(4, 16)
+    loss = ssl_loss.SSLLoss(inpaint_weight=0, rot_weight=0)
+    matching = loss({"contrastive": torch.cat([a, a])}, {})
+    random_pair = loss({"contrastive": torch.cat([a, torch.randn(4, 16)])}, {})
+    assert matching < random_pair
+
+
+def test_combined_loss_weights_and_terms():
+    torch.manual_seed(2)
+    pred = {"reconstruction": torch.rand(4, 1, 8, 8, 8), "contrastive": torch.randn(4, 6), "rotation": torch.randn(4, 4)}
+    target = {"image": torch.rand(4, 1, 8, 8, 8), "rotation": torch.tensor([0, 1, 2, 3])}
+    loss = ssl_loss.SSLLoss(inpaint_weight=2.0, contrast_weight=0.5, rot_weight=1.0)
+    total = loss(pred, target)
+    l1 = F.l1_loss(pred["reconstruction"], target["image"]).item()
+    ce = F.cross_entropy(pred["rotation"], target["rotation"]).item()
+    nt = _nt_xent(*pred["contrastive"].chunk(2), 0.5)
+    assert loss.terms == pytest.approx({"inpaint": l1, "contrast": nt, "rotation": ce}, rel=1e-5)
+    assert total.item() == pytest.approx(2.0 * l1 + 0.5 * nt + ce, rel=1e-5)
+    with pytest.raises(ValueError, match="at least one"):
+        ssl_loss.SSLLoss(0, 0, 0)
+
+
+def test_rotation_label_is_the_rotation_applied():
+    image = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)  # no symmetry: each k differs
+    seen = set()
+    rotate = transforms.RandRotate90Labeld(keys="view", label_key="rot")
+    for seed in range(20):
+        rotate.set_random_state(seed)
+        out = rotate({"view": image})
+        k = int(out["rot"])
+        seen.add(k)
+        torch.testing.assert_close(torch.as_tensor(out["view"]), torch.rot90(image, k, dims=AXIAL))
+    assert seen == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("max_fraction", [0.1, 0.3])
+def test_cutout_fraction_within_bounds(max_fraction):
+    cutout = transforms.RandInnerCutoutd(keys="view", max_fraction=max_fraction)
+    image = torch.full((1, 32, 32, 32), 7.0)
+    for seed in range(5):
+        cutout.set_random_state(seed)
+        changed = (cutout({"view": image})["view"] != 7.0).float().mean().item()
+        assert 0.5 * max_fraction < changed <= max_fraction
+
+
+def test_cutout_fills_from_donor_or_noise():
+    image, donor = torch.zeros(1, 32, 32, 32), torch.full((1, 32, 32, 32), 5.0)
+    out = transforms.RandInnerCutoutd(keys="view", donor_key="donor", donor_prob=1.0)({"view": image, "donor": donor})
+    changed = out["view"][out["view"] != 0]
+    assert changed.numel() > 0 and torch.all(changed == 5.0)
+    noise = transforms.RandInnerCutoutd(keys="view", donor_key="donor", donor_prob=0.0)({"view": image, "donor": donor})
+    filled = noise["view"][noise["view"] != 0]
+    assert filled.numel() > 0 and filled.min() >= 0.0 and filled.max() <= 1.0
+
+
+def test_training_views_keep_targets_uncorrupted(tmp_path):
+    """The config's own transform chain: targets are the rotated crop, views differ from them by cutouts only."""
+    image, _, affine = synthetic_ct.make_case(seed=0, shape=(100, 90, 36))
+    synthetic_ct.save_nifti(image, affine, str(tmp_path / "ct.nii.gz"))
+    load_bundle_scripts("swin_unetr_pretrain")  # the parser locates `scripts.*` in sys.modules
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "swin_unetr_pretrain" / "configs" / "train.json"))
+    parser.update({"roi_size": [64, 64, 64], "num_samples": 2, "bundle_root": str(tmp_path)})
+    samples = parser.get_parsed_content("train#preprocessing")({"image": str(tmp_path / "ct.nii.gz")})
+    assert len(samples) == 2
+    for sample in samples:
+        assert set(sample) == {"view1", "view2", "target1", "target2", "rot1", "rot2"}
+        unrotated1 = torch.rot90(torch.as_tensor(sample["target1"]), -int(sample["rot1"]), dims=AXIAL)
+        unrotated2 = torch.rot90(torch.as_tensor(sample["target2"]), -int(sample["rot2"]), dims=AXIAL)
+        torch.testing.assert_close(unrotated1, unrotated2)  # same sub-volume, uncorrupted
+        for view, target in (("view1", "target1"), ("view2", "target2")):
+            changed = (torch.as_tensor(sample[view]) != torch.as_tensor(sample[target])).float().mean().item()
+            assert 0.0 < changed <= 0.3
+
+
+def test_prepare_batch_stacks_views_in_order():
+    batch = {
+        "view1": torch.zeros(2, 1, 4, 4, 4), "view2": torch.ones(2, 1, 4, 4, 4),
+        "target1": torch.full((2, 1, 4, 4, 4), 2.0), "target2": torch.full((2, 1, 4, 4, 4), 3.0),
+        "rot1": torch.tensor([0, 1]), "rot2": torch.tensor([2, 3]),
+    }  # fmt: skip
+    inputs, targets = prepare_batch.SSLPrepareBatch()(batch, device="cpu")
+    assert inputs.shape == (4, 1, 4, 4, 4) and inputs[:2].eq(0).all() and inputs[2:].eq(1).all()
+    assert targets["image"][:2].eq(2).all() and targets["image"][2:].eq(3).all()
+    assert targets["rotation"].tolist() == [0, 1, 2, 3]
+
+
+def test_exported_encoder_has_released_layout_and_loads():
+    torch.manual_seed(3)
+    net = ssl_head.SSLHead(feature_size=12)
+    exported = encoder_export.EncoderCheckpoint(net).state_dict()
+    weights = exported["state_dict"]
+    assert list(exported) == ["state_dict"]
+    assert "module.patch_embed.proj.weight" in weights and "module.layers1.0.blocks.0.mlp.fc1.weight" in weights
+    seg = SwinUNETR(1, 14, feature_size=12)
+    seg.load_from(exported)
+    for key, value in net.swinViT.state_dict().items():
+        if "relative_position_index" not in key:
+            torch.testing.assert_close(seg.swinViT.state_dict()[key], value)
+
+
+def test_gradient_clipping_bounds_the_norm():
+    net = torch.nn.Linear(4, 4)
+    (net(torch.ones(1, 4)) * 1000).sum().backward()
+    engine = SimpleNamespace(amp=False, scaler=None, optimizer=None, network=net)
+    gradient_clipping.GradientClipHandler(max_norm=1.0)(engine)
+    norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in net.parameters()))
+    assert norm.item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_datalist_from_folder_glob(tmp_path):
+    synthetic_ct.generate(str(tmp_path), num_train=4, num_test=1, shape=(32, 32, 8))
+    split = datalist.build_unlabelled_datalist(str(tmp_path), image_glob="images*/*.nii.gz", val_fraction=0.2)
+    assert len(split["training"]) == 4 and len(split["validation"]) == 1
+    with pytest.raises(FileNotFoundError, match="no images matching image_glob"):
+        datalist.build_unlabelled_datalist(str(tmp_path), image_glob="*.mha")
+    with pytest.raises(FileNotFoundError, match="does not exist or is not a folder"):
+        datalist.build_unlabelled_datalist(str(tmp_path / "missing"))
+
+
+def test_several_datalists_with_base_dirs(tmp_path):
+    for name in ("a", "b"):
+        synthetic_ct.generate(str(tmp_path / name), num_train=2, num_test=0, shape=(32, 32, 8))
+        items = [{"image": f"imagesTr/img000{i}.nii.gz"} for i in (1, 2)]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"training": items[:1], "validation": items[1:]}))
+    split = datalist.build_unlabelled_datalist(
+        datalist=[{"path": str(tmp_path / "a.json"), "base_dir": str(tmp_path / "a")},
+                  {"path": str(tmp_path / "b.json"), "base_dir": str(tmp_path / "b")}],
+    )  # fmt: skip
+    assert [d["image"] for d in split["training"]] == [str(tmp_path / n / "imagesTr/img0001.nii.gz") for n in "ab"]
+    assert len(split["validation"]) == 2
+    with pytest.raises(FileNotFoundError, match="listed image"):
+        datalist.build_unlabelled_datalist(datalist=str(tmp_path / "a.json"))  # relative to the JSON's folder
+
+
+def test_cutout_rejects_bad_fraction():
+    with pytest.raises(ValueError, match="max_fraction"):
+        transforms.RandInnerCutoutd(keys="view", max_fraction=1.5)
+    assert np.isclose(transforms.RandInnerCutoutd(keys="v").max_fraction, 0.3)
