@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -54,6 +55,22 @@ def run_bundle(
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def verify_bundle_metadata(meta_file: Path, tmp_path: Path) -> None:
+    """`monai.bundle.verify_metadata` against the schema in ../shared, else the downloaded one; skips only when
+    neither can be had (no local copy and no network)."""
+    from monai.bundle import verify_metadata
+
+    schema = tmp_path / "schema.json"
+    if SCHEMA.is_file():
+        shutil.copy(SCHEMA, schema)
+    try:
+        verify_metadata(meta_file=str(meta_file), filepath=str(schema))
+    except Exception as e:
+        if not SCHEMA.is_file() and not schema.is_file():
+            pytest.skip(f"no schema at {SCHEMA} and the schema URL cannot be downloaded here: {e}")
+        raise
 
 
 def load_bundle_scripts(bundle: str):

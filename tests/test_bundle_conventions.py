@@ -8,8 +8,9 @@ from conftest import BUNDLES
 BUNDLE_NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
 REQUIRED_FILES = [
     "LICENSE", "large_files.yml", "docs/README.md", "configs/metadata.json", "configs/logging.conf",
-    "configs/train.json", "configs/evaluate.json", "configs/inference.json", "configs/multi_gpu_train.json",
+    "configs/train.json", "configs/evaluate.json", "configs/multi_gpu_train.json",
 ]  # fmt: skip
+SEGMENTATION_BUNDLES = [b for b in ("swin_unetr_btcv", "swin_unetr_msd") if b in BUNDLE_NAMES]  # they infer
 TRAIN_SETTINGS = [
     "bundle_root", "dataset_dir", "datalist", "output_dir", "ckpt_dir", "device", "amp", "feature_size", "roi_size",
     "num_samples", "batch_size", "max_epochs", "val_interval", "learning_rate", "num_workers", "cache_rate",
@@ -19,12 +20,13 @@ INFERENCE_SETTINGS = ["dataset_dir", "datalist", "output_dir", "roi_size", "sw_b
 
 
 def test_bundles_are_found():
-    assert "swin_unetr_btcv" in BUNDLE_NAMES
+    assert {"swin_unetr_btcv", "swin_unetr_pretrain"} <= set(BUNDLE_NAMES)
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
 def test_required_files(bundle):
-    missing = [f for f in REQUIRED_FILES if not (BUNDLES / bundle / f).is_file()]
+    required = REQUIRED_FILES + (["configs/inference.json"] if bundle in SEGMENTATION_BUNDLES else [])
+    missing = [f for f in required if not (BUNDLES / bundle / f).is_file()]
     assert not missing, f"{bundle} lacks {missing}"
 
 
@@ -44,13 +46,13 @@ def test_train_settings_are_exposed_and_used(bundle):
     assert not missing and not unused, f"missing {missing}, never referenced {unused}"
 
 
-@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+@pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
 def test_inference_settings_are_exposed_and_used(bundle):
     missing, unused = _settings_used(BUNDLES / bundle / "configs" / "inference.json", INFERENCE_SETTINGS)
     assert not missing and not unused, f"missing {missing}, never referenced {unused}"
 
 
-@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+@pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
 def test_inference_config_stands_alone_for_monai_label(bundle):
     text = (BUNDLES / bundle / "configs" / "inference.json").read_text()
     config = json.loads(text)
@@ -61,3 +63,25 @@ def test_inference_config_stands_alone_for_monai_label(bundle):
     fmt = meta["network_data_format"]
     assert next(iter(fmt["inputs"])) == "image" and next(iter(fmt["outputs"])) == "pred"
     assert all(k.isdigit() for k in fmt["outputs"]["pred"]["channel_def"])
+
+
+# Bundles must work when copied alone (Model Zoo, MONAI Label), so the few helpers two bundles need are copied,
+# not shared; these tests keep the copies from drifting apart.
+@pytest.mark.parametrize("module", ["checks.py", "checkpoints.py"])
+def test_copied_helpers_are_identical(module):
+    copies = {b: (BUNDLES / b / "scripts" / module).read_text() for b in BUNDLE_NAMES if (BUNDLES / b / "scripts" / module).is_file()}
+    assert len(copies) >= 2 and len(set(copies.values())) == 1, f"{module} differs between {sorted(copies)}"
+
+
+def test_encoder_key_mapping_agrees_between_export_and_import():
+    from conftest import load_bundle_scripts
+    from monai.networks.nets import SwinUNETR
+
+    load_bundle_scripts("swin_unetr_pretrain")
+    from scripts.encoder_export import file_key as export_key
+
+    load_bundle_scripts("swin_unetr_btcv")
+    from scripts.pretrained import file_key as import_key
+
+    keys = [k for k in SwinUNETR(1, 14, feature_size=12).state_dict() if k.startswith("swinViT.")]
+    assert [export_key(k) for k in keys] == [import_key(k) for k in keys]

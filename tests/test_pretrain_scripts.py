@@ -201,3 +201,20 @@ def test_cutout_rejects_bad_fraction():
     with pytest.raises(ValueError, match="max_fraction"):
         transforms.RandInnerCutoutd(keys="view", max_fraction=1.5)
     assert np.isclose(transforms.RandInnerCutoutd(keys="v").max_fraction, 0.3)
+
+
+@pytest.mark.parametrize("override, dataset_type", [
+    (None, "CacheDataset"), ("dataset_persistent.json", "PersistentDataset"), ("dataset_smartcache.json", "SmartCacheDataset"),
+])  # fmt: skip
+def test_dataset_choices_build(override, dataset_type, tmp_path):
+    synthetic_ct.generate(str(tmp_path / "ct"), num_train=3, num_test=0, shape=(48, 44, 12))
+    load_bundle_scripts("swin_unetr_pretrain")
+    configs = BUNDLES / "swin_unetr_pretrain" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json")] + ([str(configs / override)] if override else []))
+    parser.update({"dataset_dir": str(tmp_path / "ct"), "image_glob": "imagesTr/*.nii.gz", "roi_size": [32, 32, 32],
+                   "bundle_root": str(tmp_path), "num_workers": 0, "smartcache_num": 1, "val_fraction": 0.34})
+    dataset = parser.get_parsed_content("train#dataset")
+    assert type(dataset).__name__ == dataset_type
+    assert len(dataset) == (1 if dataset_type == "SmartCacheDataset" else 2)
+    assert set(dataset[0][0]) == {"view1", "view2", "target1", "target2", "rot1", "rot2"}
