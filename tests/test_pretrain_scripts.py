@@ -218,3 +218,19 @@ def test_dataset_choices_build(override, dataset_type, tmp_path):
     assert type(dataset).__name__ == dataset_type
     assert len(dataset) == (1 if dataset_type == "SmartCacheDataset" else 2)
     assert set(dataset[0][0]) == {"view1", "view2", "target1", "target2", "rot1", "rot2"}
+
+
+def test_gradient_clipping_inside_supervised_trainer():
+    from monai.engines import SupervisedTrainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1)
+    before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+    data = [{"image": torch.ones(2, 4) * 100, "label": torch.zeros(2, 1)}]
+    trainer = SupervisedTrainer(
+        device="cpu", max_epochs=1, train_data_loader=data, network=net, optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
+        loss_function=torch.nn.MSELoss(), train_handlers=[gradient_clipping.GradientClipHandler(max_norm=0.01)],
+    )  # fmt: skip
+    trainer.run()
+    after = torch.cat([p.detach().flatten() for p in net.parameters()])
+    assert (after - before).norm().item() == pytest.approx(0.01, rel=1e-3)  # SGD step = lr x clipped gradient
