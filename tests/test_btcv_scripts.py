@@ -213,3 +213,26 @@ def test_load_encoder_refuses_non_encoder_file(tmp_path):
         pretrained.load_encoder(SwinUNETR(1, 14, feature_size=12), str(tmp_path / "whole_model.pt"))
     with pytest.raises(FileNotFoundError, match="pretrained_path .* does not exist"):
         pretrained.load_encoder(SwinUNETR(1, 14, feature_size=12), str(tmp_path / "missing.pt"))
+
+
+# --- atomic NIfTI output ----------------------------------------------------------------------------------------
+def test_writer_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
+    from scripts import image_writer
+
+    target = tmp_path / "case_seg.nii.gz"
+    writer = image_writer.AtomicNibabelWriter(output_dtype=np.uint8)
+    writer.set_data_array(torch.ones(1, 4, 4, 4), channel_dim=0)
+    writer.set_metadata({"affine": np.eye(4)}, resample=False)
+    writer.write(str(target))
+    assert nib.load(target).shape == (4, 4, 4) and list(tmp_path.iterdir()) == [target]
+
+    def crash(img, filename):
+        with open(filename, "wb") as f:
+            f.write(b"truncated")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", crash)
+    writer.set_data_array(torch.ones(1, 4, 4, 4), channel_dim=0)  # a writer holds one image per write
+    with pytest.raises(OSError, match="disk full"):
+        writer.write(str(tmp_path / "other_seg.nii.gz"))
+    assert list(tmp_path.iterdir()) == [target]  # neither the final name nor the partial file remains
