@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -71,6 +72,19 @@ def verify_bundle_metadata(meta_file: Path, tmp_path: Path) -> None:
         if not SCHEMA.is_file() and not schema.is_file():
             pytest.skip(f"no schema at {SCHEMA} and the schema URL cannot be downloaded here: {e}")
         raise
+
+
+def write_encoder_file(network, path) -> None:
+    """Saves `network`'s encoder as the pre-training bundle exports it (model_swinvit.pt layout); loaded by file path
+    so the `scripts` package of whichever bundle is imported stays untouched."""
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_encoder_export", BUNDLES / "swin_unetr_pretrain" / "scripts" / "encoder_export.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import torch
+
+    torch.save(module.EncoderCheckpoint(network).state_dict(), path)
 
 
 def load_bundle_scripts(bundle: str):

@@ -8,7 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES, TINY, load_bundle_scripts, run_bundle, synthetic_ct, verify_bundle_metadata
+from conftest import (
+    BUNDLES, TINY, load_bundle_scripts, run_bundle, synthetic_ct, verify_bundle_metadata, write_encoder_file,
+)
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_net_in_out
 from monai.transforms import LoadImage
 
@@ -221,12 +223,9 @@ def test_torchscript_export_matches_eager(trained, tmp_path):
 def test_pretrained_encoder_is_loaded_into_fine_tuning(btcv_data, tmp_path):
     from monai.networks.nets import SwinUNETR
 
-    load_bundle_scripts("swin_unetr_btcv")
-    from scripts import pretrained
-
     torch.manual_seed(5)
     source = SwinUNETR(1, 14, feature_size=12)
-    torch.save({"state_dict": pretrained.encoder_state(source)}, tmp_path / "model_swinvit.pt")
+    write_encoder_file(source, tmp_path / "model_swinvit.pt")
     proc = run_bundle(
         [TRAIN], "training", dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"),
         output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=1, use_pretrained=True,
@@ -243,10 +242,7 @@ def test_pretrained_encoder_is_loaded_into_fine_tuning(btcv_data, tmp_path):
 def test_mismatched_pretrained_file_is_refused(btcv_data, tmp_path):
     from monai.networks.nets import SwinUNETR
 
-    load_bundle_scripts("swin_unetr_btcv")
-    from scripts import pretrained
-
-    torch.save({"state_dict": pretrained.encoder_state(SwinUNETR(1, 14, feature_size=24))}, tmp_path / "f24.pt")
+    write_encoder_file(SwinUNETR(1, 14, feature_size=24), tmp_path / "f24.pt")
     proc = run_bundle(
         [TRAIN], "training", check=False, dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"),
         use_pretrained=True, pretrained_path=str(tmp_path / "f24.pt"), **TINY,

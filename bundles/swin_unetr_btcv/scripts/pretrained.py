@@ -30,11 +30,6 @@ def file_key(network_key: str) -> str:
     return key
 
 
-def encoder_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The encoder entries of a SwinUNETR state_dict, keyed as in `model_swinvit.pt`."""
-    return {file_key(k): v for k, v in network.state_dict().items() if k.startswith(ENCODER_PREFIX)}
-
-
 def load_encoder(network: torch.nn.Module, path: str) -> int:
     """Copies every encoder tensor of `network` (a SwinUNETR) from the file at `path`; returns how many.
 
