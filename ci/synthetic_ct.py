@@ -140,6 +140,25 @@ def write_dicom_series(image: np.ndarray, affine: np.ndarray, folder: str) -> No
         ds.save_as(os.path.join(folder, f"slice_{k:04d}.dcm"), enforce_file_format=True)
 
 
+def write_dataset_json(
+    out_dir: str, name: str, description: str, modality: dict, labels: dict, training: list[dict], test: list[str]
+) -> None:
+    """The Decathlon's `dataset.json` for the cases written into `out_dir`."""
+    dataset = {
+        "name": name,
+        "description": description,
+        "tensorImageSize": "4D" if len(modality) > 1 else "3D",
+        "modality": modality,
+        "labels": labels,
+        "numTraining": len(training),
+        "numTest": len(test),
+        "training": training,
+        "test": test,
+    }
+    with open(os.path.join(out_dir, "dataset.json"), "w") as f:
+        json.dump(dataset, f, indent=2)
+
+
 def generate(
     out_dir: str,
     layout: str = "btcv",
@@ -173,19 +192,8 @@ def generate(
         save_nifti(label, affine, os.path.join(out_dir, "labelsTr", lbl_name))
         training.append({"image": f"./{img_path}", "label": f"./labelsTr/{lbl_name}"})
     if layout == "msd":
-        dataset = {
-            "name": task_name,
-            "description": "Synthetic abdominal CT with BTCV organ labels",
-            "tensorImageSize": "3D",
-            "modality": {"0": "CT"},
-            "labels": {str(i): name for i, name in enumerate(BTCV_LABELS[: num_organs + 1])},
-            "numTraining": len(training),
-            "numTest": len(test),
-            "training": training,
-            "test": test,
-        }
-        with open(os.path.join(out_dir, "dataset.json"), "w") as f:
-            json.dump(dataset, f, indent=2)
+        labels = {str(i): name for i, name in enumerate(BTCV_LABELS[: num_organs + 1])}
+        write_dataset_json(out_dir, task_name, "Synthetic abdominal CT with BTCV organ labels", {"0": "CT"}, labels, training, test)
     return out_dir
 
 

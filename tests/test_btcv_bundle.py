@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    BUNDLES, TINY, load_bundle_scripts, run_bundle, synthetic_ct, verify_bundle_metadata, write_encoder_file,
+    BUNDLES, TINY, load_bundle_scripts, run_bundle, synthetic_ct, write_encoder_file,
 )
-from monai.bundle import ConfigWorkflow, ckpt_export, verify_net_in_out
+from monai.bundle import ConfigWorkflow, ckpt_export
 from monai.transforms import LoadImage
 
 BUNDLE = BUNDLES / "swin_unetr_btcv"
@@ -187,18 +187,6 @@ def test_workflow_properties_are_complete(workflow_type, config, btcv_data):
     workflow.initialize()
     assert not workflow.check_properties()
     assert workflow.bundle_root == str(BUNDLE)
-
-
-def test_metadata_is_valid(tmp_path):
-    verify_bundle_metadata(CONFIGS / "metadata.json", tmp_path)
-
-
-def test_network_matches_metadata():
-    verify_net_in_out(
-        net_id="network_def", meta_file=str(CONFIGS / "metadata.json"), config_file=str(INFERENCE),
-        device="cpu", feature_size=12, **{"_meta_#network_data_format#inputs#image#spatial_shape": [64, 64, 64],
-                                          "_meta_#network_data_format#outputs#pred#spatial_shape": [64, 64, 64]},
-    )  # fmt: skip
 
 
 def test_torchscript_export_matches_eager(trained, tmp_path):

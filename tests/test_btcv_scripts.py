@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_SHAPE, load_bundle_scripts, synthetic_ct, write_encoder_file
+from conftest import load_bundle_scripts, synthetic_ct, write_encoder_file
 from monai.data import MetaTensor
 from monai.metrics import HausdorffDistanceMetric
 from monai.networks.nets import SwinUNETR

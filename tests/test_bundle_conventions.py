@@ -20,7 +20,7 @@ INFERENCE_SETTINGS = ["dataset_dir", "datalist", "output_dir", "roi_size", "sw_b
 
 
 def test_bundles_are_found():
-    assert {"swin_unetr_btcv", "swin_unetr_pretrain"} <= set(BUNDLE_NAMES)
+    assert BUNDLE_NAMES == ["swin_unetr_btcv", "swin_unetr_msd", "swin_unetr_pretrain"]
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
@@ -67,9 +67,15 @@ def test_inference_config_stands_alone_for_monai_label(bundle):
 
 # Bundles must work when copied alone (Model Zoo, MONAI Label), so the few helpers two bundles need are copied,
 # not shared; these tests keep the copies from drifting apart.
-@pytest.mark.parametrize("module", ["checks.py", "checkpoints.py"])
+COPIED_HELPERS = {
+    "checks.py": BUNDLE_NAMES, "checkpoints.py": BUNDLE_NAMES, "datalist.py": SEGMENTATION_BUNDLES,
+    "metrics.py": SEGMENTATION_BUNDLES, "image_writer.py": SEGMENTATION_BUNDLES, "pretrained.py": SEGMENTATION_BUNDLES,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("module", COPIED_HELPERS)
 def test_copied_helpers_are_identical(module):
-    copies = {b: (BUNDLES / b / "scripts" / module).read_text() for b in BUNDLE_NAMES if (BUNDLES / b / "scripts" / module).is_file()}
+    copies = {b: (BUNDLES / b / "scripts" / module).read_text() for b in COPIED_HELPERS[module]}
     assert len(copies) >= 2 and len(set(copies.values())) == 1, f"{module} differs between {sorted(copies)}"
 
 
@@ -80,8 +86,9 @@ def test_encoder_key_mapping_agrees_between_export_and_import():
     load_bundle_scripts("swin_unetr_pretrain")
     from scripts.encoder_export import file_key as export_key
 
-    load_bundle_scripts("swin_unetr_btcv")
-    from scripts.pretrained import file_key as import_key
-
     keys = [k for k in SwinUNETR(1, 14, feature_size=12).state_dict() if k.startswith("swinViT.")]
-    assert [export_key(k) for k in keys] == [import_key(k) for k in keys]
+    for bundle in SEGMENTATION_BUNDLES:
+        load_bundle_scripts(bundle)
+        from scripts.pretrained import file_key as import_key
+
+        assert [export_key(k) for k in keys] == [import_key(k) for k in keys], bundle

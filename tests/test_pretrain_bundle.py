@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES, TINY, run_bundle, verify_bundle_metadata
+from conftest import BUNDLES, TINY, run_bundle
 from monai.networks.nets import SwinUNETR
 
 CONFIGS = BUNDLES / "swin_unetr_pretrain" / "configs"
@@ -121,6 +121,3 @@ def test_bad_dataset_dir_is_a_clear_error(tmp_path):
     assert proc.returncode != 0
     assert f"dataset_dir '{tmp_path / 'nothing'}' does not exist" in proc.stderr
 
-
-def test_metadata_is_valid(tmp_path):
-    verify_bundle_metadata(CONFIGS / "metadata.json", tmp_path)

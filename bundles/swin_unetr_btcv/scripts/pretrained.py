@@ -4,6 +4,10 @@
 unnamed shape error when the file does not fit. This loader checks every encoder tensor first, names the file
 and the first mismatch, and logs how many tensors it loaded, so fine-tuning never starts from random weights
 by accident.
+
+The released encoder was pre-trained on single-channel CT. For a network with C > 1 input channels (multi-sequence
+MRI), the patch-embedding kernel is repeated over the C channels and divided by C: the first layer then responds
+to the channel mean as the pre-trained one responded to a CT, and every other encoder tensor loads unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from monai.networks.utils import copy_model_state
 logger = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "swinViT."  # SwinUNETR's attribute holding the Swin transformer
+PATCH_EMBEDDING = "swinViT.patch_embed.proj.weight"
 FILE_PREFIX = "module."  # key prefix of the released (DataParallel-saved) model_swinvit.pt
 # The released file names the block MLP layers as timm does; MONAI's MLPBlock calls them linear1/linear2.
 _RENAMES = ((".mlp.linear1.", ".mlp.fc1."), (".mlp.linear2.", ".mlp.fc2."))
@@ -28,6 +33,11 @@ def file_key(network_key: str) -> str:
     for ours, theirs in _RENAMES:
         key = key.replace(ours, theirs)
     return key
+
+
+def adapt_patch_embedding(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A single-channel patch-embedding kernel `(F, 1, *k)` spread over `in_channels` inputs, `(F, C, *k)`."""
+    return weight.repeat(1, in_channels, *([1] * (weight.ndim - 2))) / in_channels
 
 
 def load_encoder(network: torch.nn.Module, path: str) -> int:
@@ -55,12 +65,16 @@ def load_encoder(network: torch.nn.Module, path: str) -> int:
             if name in params:  # buffers (e.g. relative_position_index) are derived from the architecture
                 raise ValueError(f"pretrained_path {path!r} lacks encoder tensor {key!r}; it does not match the network.")
             continue
-        if weights[key].shape != target.shape:
+        weight = weights[key]
+        if name == PATCH_EMBEDDING and weight.shape[1] == 1 and target.shape[1] > 1 and weight.shape[2:] == target.shape[2:]:
+            logger.info(f"patch embedding adapted from 1 to {target.shape[1]} input channels (kernel / channels)")
+            weight = adapt_patch_embedding(weight, target.shape[1])
+        if weight.shape != target.shape:
             raise ValueError(
-                f"pretrained_path {path!r} does not match the network: {key!r} is {tuple(weights[key].shape)} in the "
+                f"pretrained_path {path!r} does not match the network: {key!r} is {tuple(weight.shape)} in the "
                 f"file but {tuple(target.shape)} in the network (check feature_size and in_channels)."
             )
-        source[name] = weights[key]
+        source[name] = weight
     _, loaded, _ = copy_model_state(network, source, inplace=True)
     num_encoder = sum(1 for n in network.state_dict() if n.startswith(ENCODER_PREFIX))
     logger.info(f"loaded {len(loaded)} of {num_encoder} encoder tensors from {path}")

@@ -1,0 +1,157 @@
+"""Training/validation lists from the BTCV folder layout or a Decathlon-style JSON, checked before training.
+
+MONAI's `load_decathlon_datalist` reads a JSON but neither finds BTCV's `img0001`/`label0001` pairs nor checks
+that files exist and labels fit the network; a bad case found this way fails in seconds with its file named,
+not hours later inside a data-loader worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import nibabel as nib
+import numpy as np
+from monai.data import load_decathlon_datalist
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _is_image(name: str) -> bool:
+    return name.endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+
+
+def _case_name(path: str) -> str:
+    name = os.path.basename(path)
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _label_name_for(image_name: str) -> list[str]:
+    """BTCV pairs `img0001.nii.gz` with `label0001.nii.gz`; the Decathlon uses the same name in both folders."""
+    names = [image_name]
+    if image_name.startswith("img"):
+        names.insert(0, "label" + image_name[len("img") :])
+    return names
+
+
+def _require_dir(path: str, setting: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{setting} {path!r} does not exist or is not a folder.")
+
+
+def pairs_from_folder(dataset_dir: str) -> list[dict[str, str]]:
+    """`{'image', 'label'}` pairs from `dataset_dir/imagesTr` and `dataset_dir/labelsTr`, sorted by case."""
+    _require_dir(dataset_dir, "dataset_dir")
+    image_dir, label_dir = os.path.join(dataset_dir, "imagesTr"), os.path.join(dataset_dir, "labelsTr")
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(
+            f"dataset_dir {dataset_dir!r} has no imagesTr folder (expected imagesTr/ + labelsTr/, or set datalist)."
+        )
+    images = sorted(n for n in os.listdir(image_dir) if _is_image(n))
+    if not images:
+        raise FileNotFoundError(f"dataset_dir {dataset_dir!r}: imagesTr holds no NIfTI images (*.nii.gz, *.nii).")
+    labels = set(os.listdir(label_dir)) if os.path.isdir(label_dir) else set()
+    pairs, unlabelled = [], []
+    for name in images:
+        match = next((n for n in _label_name_for(name) if n in labels), None)
+        if match is None:
+            unlabelled.append(name)
+            continue
+        pairs.append({"image": os.path.join(image_dir, name), "label": os.path.join(label_dir, match)})
+    if unlabelled:
+        shown = ", ".join(unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
+        raise FileNotFoundError(
+            f"dataset_dir {dataset_dir!r}: {len(unlabelled)} image(s) in imagesTr have no label in labelsTr: {shown}"
+        )
+    return pairs
+
+
+def split_train_val(pairs: list[dict], val_fraction: float) -> dict[str, list[dict]]:
+    """Deterministic split: the last `val_fraction` of the sorted cases (at least one) are for validation."""
+    if len(pairs) < 2:
+        raise ValueError(f"need at least 2 labelled cases to train and validate, found {len(pairs)}.")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}.")
+    num_val = min(len(pairs) - 1, max(1, round(len(pairs) * val_fraction)))
+    return {"training": pairs[:-num_val], "validation": pairs[-num_val:]}
+
+
+def check_pairs(pairs: Sequence[dict], num_classes: int) -> None:
+    """Each image and label exists, their shapes agree, and label values lie in 0..num_classes-1."""
+    for pair in pairs:
+        for key in ("image", "label"):
+            if not os.path.isfile(pair[key]):
+                raise FileNotFoundError(f"{key} file {pair[key]!r} does not exist.")
+        image_shape = nib.load(pair["image"]).shape[:3]
+        label = nib.load(pair["label"])
+        if label.shape[:3] != image_shape:
+            raise ValueError(
+                f"label {pair['label']!r} has shape {label.shape[:3]} but its image {pair['image']!r} has {image_shape}."
+            )
+        values = np.unique(np.asarray(label.dataobj))
+        bad = values[(values < 0) | (values > num_classes - 1) | (values != np.round(values))]
+        if bad.size:
+            raise ValueError(
+                f"label {pair['label']!r} holds values {bad[:5].tolist()} outside 0..{num_classes - 1} "
+                f"(num_classes={num_classes})."
+            )
+
+
+def build_datalist(
+    dataset_dir: str,
+    datalist: str | None = None,
+    num_classes: int = 14,
+    val_fraction: float = 0.2,
+    check_data: bool = True,
+) -> dict[str, list[dict]]:
+    """`{'training': [...], 'validation': [...]}` of `{'image', 'label'}` file pairs.
+
+    With `datalist` (a Decathlon-style JSON with a "training" and optionally a "validation" list, relative paths
+    resolved against `dataset_dir`), its lists are used; otherwise `dataset_dir` is read in the BTCV layout
+    (`imagesTr/img0001.nii.gz` + `labelsTr/label0001.nii.gz`). Without a "validation" list the sorted cases are
+    split by `val_fraction`.
+    """
+    if datalist:
+        if not os.path.isfile(datalist):
+            raise FileNotFoundError(f"datalist {datalist!r} does not exist.")
+        with open(datalist) as f:
+            keys = json.load(f).keys()
+        if "training" not in keys:
+            raise ValueError(f"datalist {datalist!r} has no 'training' list (keys: {sorted(keys)}).")
+        training = load_decathlon_datalist(datalist, True, "training", base_dir=dataset_dir)
+        if "validation" in keys:
+            split = {"training": training, "validation": load_decathlon_datalist(datalist, True, "validation", dataset_dir)}
+        else:
+            split = split_train_val(training, val_fraction)
+    else:
+        split = split_train_val(pairs_from_folder(dataset_dir), val_fraction)
+    if check_data:
+        check_pairs(split["training"] + split["validation"], num_classes)
+    return split
+
+
+def list_images(dataset_dir: str, datalist: str | None = None) -> list[dict[str, str]]:
+    """Images to segment: the datalist's "testing" list, else NIfTI files and DICOM series folders found in
+    `dataset_dir/imagesTs` (or in `dataset_dir` itself when it has no imagesTs)."""
+    if datalist:
+        if not os.path.isfile(datalist):
+            raise FileNotFoundError(f"datalist {datalist!r} does not exist.")
+        return load_decathlon_datalist(datalist, False, "testing", base_dir=dataset_dir)
+    if os.path.isfile(dataset_dir) and _is_image(dataset_dir):
+        return [{"image": dataset_dir}]
+    _require_dir(dataset_dir, "dataset_dir")
+    folder = os.path.join(dataset_dir, "imagesTs")
+    folder = folder if os.path.isdir(folder) else dataset_dir
+    found = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        is_dicom_series = os.path.isdir(path) and any(n.lower().endswith(".dcm") for n in os.listdir(path))
+        if _is_image(name) or is_dicom_series:
+            found.append({"image": path})
+    if not found:
+        raise FileNotFoundError(f"dataset_dir {folder!r} holds no NIfTI images (*.nii.gz, *.nii) or DICOM series folders.")
+    return found
