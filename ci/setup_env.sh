@@ -5,7 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 stamp="$venv/.requirements.sha256"
-want="$(cat "$root/requirements.txt" "$root/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$root/requirements.txt" "$root/requirements-dev.txt" "$root/requirements-monailabel.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
@@ -14,6 +14,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # CPU build of torch first (local wheel); then the rest, which torch==2.13.0 already satisfies.
   "$venv/bin/python" -m pip install -q "torch==2.13.0"
   "$venv/bin/python" -m pip install -q -r "$root/requirements-dev.txt"
+  "$venv/bin/python" -m pip install -q --no-deps -r "$root/requirements-monailabel.txt"
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -68,8 +68,9 @@ def test_inference_config_stands_alone_for_monai_label(bundle):
 # Bundles must work when copied alone (Model Zoo, MONAI Label), so the few helpers two bundles need are copied,
 # not shared; these tests keep the copies from drifting apart.
 COPIED_HELPERS = {
-    "checks.py": BUNDLE_NAMES, "checkpoints.py": BUNDLE_NAMES, "datalist.py": SEGMENTATION_BUNDLES,
+    "checks.py": BUNDLE_NAMES, "checkpoints.py": BUNDLE_NAMES, "memory.py": BUNDLE_NAMES, "datalist.py": SEGMENTATION_BUNDLES,
     "metrics.py": SEGMENTATION_BUNDLES, "image_writer.py": SEGMENTATION_BUNDLES, "pretrained.py": SEGMENTATION_BUNDLES,
+    "curves.py": BUNDLE_NAMES, "overlays.py": SEGMENTATION_BUNDLES,
 }  # fmt: skip
 
 

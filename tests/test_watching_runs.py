@@ -1,0 +1,109 @@
+"""Watching runs: MLflow tracking, progress on a terminal (quiet elsewhere), and the pictures each workflow writes."""
+
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+
+import pytest
+from conftest import BUNDLES, REPO, TINY, overrides_to_args, run_bundle
+from PIL import Image
+
+BTCV = BUNDLES / "swin_unetr_btcv" / "configs"
+PRETRAIN = BUNDLES / "swin_unetr_pretrain" / "configs"
+SSL_TINY = dict(TINY, num_samples=2, batch_size=1, warmup_steps=1)
+SSL_TINY.pop("warmup_epochs")
+
+
+def png_size(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+@pytest.fixture(scope="module")
+def tracked_run(btcv_data, tmp_path_factory):
+    """Two epochs of tiny BTCV training with `--tracking mlflow`; returns the run folder."""
+    out = tmp_path_factory.mktemp("tracked")
+    run_bundle(
+        [BTCV / "train.json"], "training", tracking="mlflow", dataset_dir=str(btcv_data), ckpt_dir=str(out / "models"),
+        output_dir=str(out / "eval"), max_epochs=2, val_interval=1, **TINY,
+    )  # fmt: skip
+    return out
+
+
+def test_mlflow_records_params_losses_and_metrics(tracked_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tracked_run / 'eval' / 'mlruns.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "monai_experiment"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert int(run.data.params["max_epochs"]) == 2
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 8  # 4 cases x 2 epochs
+    dice = client.get_metric_history(run.info.run_id, "val_mean_dice")
+    assert len(dice) == 2 and all(0.0 <= m.value <= 1.0 for m in dice)
+
+
+def test_training_writes_a_curve_plot(tracked_run):
+    assert png_size(tracked_run / "eval" / "training_curves.png") == (800, 450)
+
+
+def test_evaluation_writes_one_overlay_picture_per_case(tracked_run, btcv_data):
+    run_bundle(
+        [BTCV / "train.json", BTCV / "evaluate.json"], dataset_dir=str(btcv_data), ckpt_dir=str(tracked_run / "models"),
+        output_dir=str(tracked_run / "evaluation"), val_fraction=0.4, **TINY,
+    )  # fmt: skip
+    pictures = sorted(p.name for p in (tracked_run / "evaluation" / "pictures").iterdir())
+    assert pictures == ["img0004.png", "img0005.png"]
+    assert png_size(tracked_run / "evaluation" / "pictures" / "img0004.png") == (990, 675)
+
+
+def test_pretraining_validation_writes_reconstruction_pictures(tmp_path, btcv_data):
+    run_bundle(
+        [PRETRAIN / "train.json"], "training", dataset_dir=str(btcv_data / "imagesTr"), ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=2, **SSL_TINY,
+    )  # fmt: skip
+    pictures = sorted(p.name for p in (tmp_path / "eval" / "pictures").iterdir())
+    assert pictures == ["reconstruction_1.png", "reconstruction_2.png"]
+    assert png_size(tmp_path / "eval" / "pictures" / "reconstruction_1.png") == (810, 810)
+    assert (tmp_path / "eval" / "training_curves.png").is_file()
+
+
+def run_on_terminal(cmd, timeout=600) -> str:
+    """Runs `cmd` with stdout and stderr on a pseudo-terminal, as in an interactive shell; returns what it printed."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a new pty is 0 columns wide
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    proc = subprocess.Popen(cmd, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL, cwd=REPO, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the terminal closed: the process ended
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=timeout)
+    os.close(master)
+    assert proc.returncode == 0, b"".join(chunks)[-3000:].decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_only(btcv_data, tmp_path):
+    args = ["--dataset_dir", str(btcv_data), "--ckpt_dir", str(tmp_path / "m"), "--output_dir", str(tmp_path / "e"),
+            "--max_epochs", "1", "--val_interval", "1"] + overrides_to_args(TINY)  # fmt: skip
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(BTCV / "train.json")] + args
+    terminal = run_on_terminal(cmd)
+    assert "Iteration: [4/4] 100%" in terminal and "loss=" in terminal
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d\]", terminal)  # elapsed<remaining
+    piped = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert piped.returncode == 0
+    assert "Iteration: [" not in piped.stdout + piped.stderr and "loss=" not in piped.stdout + piped.stderr
