@@ -213,12 +213,13 @@ def test_workflow_properties_are_complete(workflow_type, config, tmp_path):
 
 def test_multi_gpu_config_runs_two_processes_on_cpu(tmp_path):
     task = "Task09_Spleen"
-    data = generate_task(str(tmp_path / task), task, num_train=5, num_test=0, shape=(70, 64, 40))
+    data = generate_task(str(tmp_path / task), task, num_train=4, num_test=0, shape=(70, 64, 40))
     proc = run_bundle(
         [TRAIN, CONFIGS / "multi_gpu_train.json", task_file(task)], "training", torchrun=2, dataset_dir=data,
-        ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=1, **TINY,
+        ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=1,
+        num_folds=2, **TINY,
     )  # fmt: skip
     assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file() and (tmp_path / "models" / "model.pt").is_file()
-    # fold 0 trains on 4 cases, 2 per rank; only rank 0 logs them
-    assert len(re.findall(r"train_loss: [0-9.]+", proc.stdout + proc.stderr)) == 2
+    # 2 folds of 4 cases: 2 train (one per rank), 2 validate (one per rank); only rank 0 logs
+    assert len(re.findall(r"train_loss: [0-9.]+", proc.stdout + proc.stderr)) == 1
     assert (tmp_path / "eval" / "training_curves.png").is_file()

@@ -17,6 +17,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ignite.engine import Engine, Events  # noqa: E402
 
 
+def save_figure(fig: plt.Figure, path: str) -> None:
+    """Saves `fig` as PNG under a temporary name, then renames it, so a reader never sees half a file; closes it."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = os.path.join(os.path.dirname(path), f".partial-{os.getpid()}-{os.path.basename(path)}")
+    fig.savefig(partial, format="png")
+    plt.close(fig)
+    os.replace(partial, path)
+
+
 def _loss_of(output: Any) -> float:
     item = output[0] if isinstance(output, (list, tuple)) else output
     return float(item["loss"])
@@ -49,7 +58,7 @@ class TrainingCurvesPlot:
             self.draw()
 
     def draw(self, _: Engine | None = None) -> None:
-        """Writes the PNG (under a temporary name, then renamed, so a reader never sees half a file)."""
+        """Writes the PNG."""
         if not self.losses:
             return
         fig, ax_loss = plt.subplots(figsize=(8, 4.5), dpi=100)
@@ -73,8 +82,4 @@ class TrainingCurvesPlot:
         ax_loss.legend(handles, labels, loc="upper right", fontsize=8)
         ax_loss.set_title("training curves")
         fig.tight_layout()
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        partial = os.path.join(os.path.dirname(self.path), f".partial-{os.getpid()}-{os.path.basename(self.path)}")
-        fig.savefig(partial, format="png")
-        plt.close(fig)
-        os.replace(partial, self.path)
+        save_figure(fig, self.path)

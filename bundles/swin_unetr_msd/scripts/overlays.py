@@ -17,6 +17,8 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ignite.engine import Engine, Events  # noqa: E402
+
+from .curves import save_figure  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 
@@ -74,11 +76,7 @@ def draw_case(
             ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    partial = os.path.join(os.path.dirname(path), f".partial-{os.getpid()}-{os.path.basename(path)}")
-    fig.savefig(partial, format="png")
-    plt.close(fig)
-    os.replace(partial, path)
+    save_figure(fig, path)
 
 
 class SegmentationOverlaySaver:

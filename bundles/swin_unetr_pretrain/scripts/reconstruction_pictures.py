@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from ignite.engine import Engine, Events  # noqa: E402
 
+from .curves import save_figure  # noqa: E402
+
 
 def draw_reconstruction(original: np.ndarray, corrupted: np.ndarray, reconstructed: np.ndarray, path: str, title: str) -> None:
     """Writes a 3x3 PNG of three (D, H, W) volumes in RAS, sliced through their centre."""
@@ -34,11 +36,7 @@ def draw_reconstruction(original: np.ndarray, corrupted: np.ndarray, reconstruct
             axes[row, col].axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    partial = os.path.join(os.path.dirname(path), f".partial-{os.getpid()}-{os.path.basename(path)}")
-    fig.savefig(partial, format="png")
-    plt.close(fig)
-    os.replace(partial, path)
+    save_figure(fig, path)
 
 
 class ReconstructionPictureSaver:
