@@ -50,5 +50,6 @@ print("(a 12-feature network after 96 steps on synthetic data: large organs firs
 print(f"weights:      {out}/models/model.pt")
 print(f"metrics:      {out}/eval/metrics.csv and per case x organ: {out}/eval/val_mean_dice_raw.csv, val_hd95_raw.csv, val_nsd_raw.csv")
 print("predictions:  " + ", ".join(sorted(glob.glob(os.path.join(out, "predictions", "*.nii.gz")))))
+print(f"pictures:     {out}/eval/training_curves.png, " + ", ".join(sorted(glob.glob(os.path.join(out, "eval", "pictures", "*.png")))))
 print(f"TensorBoard:  tensorboard --logdir {out}/eval")
 PY
