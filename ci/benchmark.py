@@ -98,6 +98,10 @@ def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(spec["configs"][0])))  # as `monai.bundle run` does
     workflow = ConfigWorkflow(config_file=spec["configs"], workflow_type=None, **spec["overrides"])
     workflow.initialize()
+    # `run` starts with the process-wide memory settings; they must precede building the engine, as in a real run
+    for setting in ("huge_pages", "memory_pool"):
+        if setting in workflow.parser:
+            workflow.parser.get_parsed_content(setting)
     engine = workflow.parser.get_parsed_content(spec["engine"])
     stamps: list[float] = []
     engine.add_event_handler(Events.STARTED, lambda _: stamps.append(time.perf_counter()))
@@ -124,6 +128,9 @@ def measure(name: str, variant: str, data: dict, iterations: int, work: str) -> 
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     stderr = proc.stderr.read()
+    if os.WIFSIGNALED(status):  # the kernel's OOM killer leaves no traceback
+        raise RuntimeError(f"{name}/{variant} was killed by signal {os.WTERMSIG(status)} (out of memory?), peak RSS "
+                           f"{usage.ru_maxrss / 1024**2:.1f} GB")  # fmt: skip
     if status != 0:
         raise RuntimeError(f"{name}/{variant} failed:\n{stderr[-3000:]}")
     with open(result) as f:

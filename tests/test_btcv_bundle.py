@@ -45,6 +45,8 @@ def test_training_writes_checkpoints_and_validates(trained):
     dice = [float(v) for v in BEST_DICE.findall(log)]
     assert len(dice) == 2 and all(0.0 <= d <= 1.0 for d in dice)
     assert list((out / "eval").glob("events.out.tfevents.*"))
+    assert "CPU tensors of 2 MB or more are backed by transparent huge pages" in log  # set before any allocation
+    assert "amp:" not in log  # float32 on CPU unless asked for (--amp true)
     state = torch.load(out / "models" / "model.pt", weights_only=True)
     assert state["swinViT.patch_embed.proj.weight"].shape == (12, 1, 2, 2, 2)
     assert state["out.conv.conv.weight"].shape[0] == 14

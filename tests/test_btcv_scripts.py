@@ -14,7 +14,7 @@ from monai.metrics import HausdorffDistanceMetric
 from monai.networks.nets import SwinUNETR
 
 scripts = load_bundle_scripts("swin_unetr_btcv")
-from scripts import checkpoints, checks, datalist, metrics, pretrained  # noqa: E402
+from scripts import checkpoints, checks, datalist, metrics, mixed_precision, pretrained  # noqa: E402
 
 
 @pytest.fixture()
@@ -236,3 +236,47 @@ def test_writer_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         writer.write(str(tmp_path / "other_seg.nii.gz"))
     assert list(tmp_path.iterdir()) == [target]  # neither the final name nor the partial file remains
+
+
+class _RecordsPrecision(torch.nn.Module):
+    """A conv network returning a dict, as the pre-training head does; records the autocast state it ran under."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv3d(1, 3, 3, padding=1)
+        self.seen: list = []
+
+    def forward(self, x):
+        self.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        y = self.conv(x)
+        return {"pred": y, "dtype_inside": str(y.dtype), "index": torch.argmax(y, dim=1)}
+
+
+def test_autocast_inferer_runs_bfloat16_and_returns_float32(monkeypatch):
+    from monai.inferers import SimpleInferer
+
+    monkeypatch.setattr(mixed_precision, "cpu_has_native_bfloat16", lambda: True)
+    net, x = _RecordsPrecision(), torch.rand(1, 1, 8, 8, 8)
+    out = mixed_precision.AutocastInferer(SimpleInferer(), enabled=True)(x, net)
+    assert net.seen == [(True, torch.bfloat16)] and out["dtype_inside"] == "torch.bfloat16"
+    assert out["pred"].dtype == torch.float32 and out["index"].dtype == torch.int64  # integers left alone
+    reference = SimpleInferer()(x, net)["pred"]
+    assert not torch.equal(out["pred"], reference)  # really computed in bfloat16 ...
+    torch.testing.assert_close(out["pred"], reference, atol=2e-2, rtol=2e-2)  # ... and close to float32
+    assert not torch.is_autocast_enabled("cpu")  # the context ends with the call
+
+
+@pytest.mark.parametrize("enabled, native", [(False, True), (True, False)])
+def test_autocast_inferer_is_plain_float32_when_off_or_unsupported(monkeypatch, caplog, enabled, native):
+    from monai.inferers import SimpleInferer
+
+    monkeypatch.setattr(mixed_precision, "cpu_has_native_bfloat16", lambda: native)
+    net, x = _RecordsPrecision(), torch.rand(1, 1, 8, 8, 8)
+    with caplog.at_level("INFO"):
+        inferer = mixed_precision.AutocastInferer(SimpleInferer(), enabled=enabled)
+    assert inferer.enabled is False
+    assert ("no native bfloat16" in caplog.text) is (enabled and not native)
+    out = inferer(x, net)
+    assert net.seen[-1][0] is False and out["dtype_inside"] == "torch.float32"
+    assert torch.equal(out["pred"], SimpleInferer()(x, net)["pred"])

@@ -1,6 +1,7 @@
 """Every bundle has the Model Zoo layout and exposes the project's public settings (see DEVELOPERS.md)."""
 
 import json
+import sys
 
 import pytest
 from conftest import BUNDLES
@@ -70,7 +71,7 @@ def test_inference_config_stands_alone_for_monai_label(bundle):
 COPIED_HELPERS = {
     "checks.py": BUNDLE_NAMES, "checkpoints.py": BUNDLE_NAMES, "memory.py": BUNDLE_NAMES, "datalist.py": SEGMENTATION_BUNDLES,
     "metrics.py": SEGMENTATION_BUNDLES, "image_writer.py": SEGMENTATION_BUNDLES, "pretrained.py": SEGMENTATION_BUNDLES,
-    "curves.py": BUNDLE_NAMES, "overlays.py": SEGMENTATION_BUNDLES,
+    "curves.py": BUNDLE_NAMES, "overlays.py": SEGMENTATION_BUNDLES, "mixed_precision.py": BUNDLE_NAMES,
 }  # fmt: skip
 
 
@@ -93,3 +94,39 @@ def test_encoder_key_mapping_agrees_between_export_and_import():
         from scripts.pretrained import file_key as import_key
 
         assert [export_key(k) for k in keys] == [import_key(k) for k in keys], bundle
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+@pytest.mark.parametrize("device, amp", [("cpu", True), ("cpu", False), ("cuda:0", True)])
+def test_amp_setting_picks_cuda_amp_or_cpu_bfloat16(bundle, device, amp):
+    """`amp` turns on MONAI's CUDA AMP on a GPU and the bundle's bfloat16 autocast on a CPU, never both."""
+    from conftest import load_bundle_scripts
+    from monai.bundle import ConfigParser
+
+    saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "scripts"}
+    scripts = load_bundle_scripts(bundle)
+    import scripts.mixed_precision  # noqa: F401  (imported here, while the bundle is on sys.path)
+
+    try:
+        _check_amp_wiring(bundle, device, amp, scripts.mixed_precision, ConfigParser)
+    finally:  # give later tests back the `scripts` package they imported
+        for name in [n for n in sys.modules if n.split(".")[0] == "scripts"]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def _check_amp_wiring(bundle, device, amp, mixed_precision, ConfigParser):
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
+    parser["device"], parser["amp"] = f"$torch.device('{device}')", amp
+    assert parser.get_parsed_content("cuda_amp") is (amp and device.startswith("cuda"))
+    inferer = parser.get_parsed_content("train#inferer")
+    assert isinstance(inferer, mixed_precision.AutocastInferer)
+    expected = amp and device == "cpu" and mixed_precision.cpu_has_native_bfloat16()
+    assert inferer.enabled is expected
+    for engine in ("train#trainer#amp", "validate#evaluator#amp"):
+        assert parser[engine] == "@cuda_amp", engine
+    assert parser["train#trainer#optim_set_to_none"] is True
+    # fused AdamW on CPU turned bfloat16-trained conv gradients into NaN within a few steps (torch 2.13), so the
+    # optimizer stays on PyTorch's default (foreach) implementation
+    assert "fused" not in parser["optimizer"]

@@ -1,16 +1,31 @@
-"""`scripts.memory.keep_freed_memory`: a network's repeated forward passes stop faulting in fresh pages."""
+"""`scripts.memory`: with freed memory kept, or with huge pages, a network's forward passes fault in far fewer pages."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import BUNDLES
 
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _faults(setting: str) -> dict[bool, int]:
+    """Page faults of three forward passes after a warm-up, in a fresh process, with `setting` off and on."""
+    faults = {}
+    for enabled in (False, True):
+        code = PROBE.format(bundle=str(BUNDLES / "swin_unetr_btcv"), setting=setting, enabled=enabled)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        assert out[0] == str(enabled)
+        faults[enabled] = int(out[1])
+    return faults
+
+
 PROBE = """
 import resource, sys, torch
 sys.path.insert(0, {bundle!r})
-from scripts.memory import keep_freed_memory
-print(keep_freed_memory({enabled}))
+from scripts.memory import {setting}
+print({setting}({enabled}))
 from monai.networks.nets import SwinUNETR
 net = SwinUNETR(1, 14, feature_size=12).eval()
 x = torch.rand(1, 1, 64, 64, 64)
@@ -25,12 +40,31 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's; elsewhere the setting is a no-op")
 def test_pool_removes_most_page_faults_of_repeated_forward_passes():
-    faults = {}
-    for enabled in (False, True):
-        code = PROBE.format(bundle=str(BUNDLES / "swin_unetr_btcv"), enabled=enabled)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-        assert out[0] == str(enabled)
-        faults[enabled] = int(out[1])
+    faults = _faults("keep_freed_memory")
     # measured: about 1.9 million without the pool, under 0.1 million with it
     assert faults[False] > 500_000
     assert faults[True] < faults[False] / 5
+
+
+@pytest.mark.skipif(
+    not THP_MODE.is_file() or "[never]" in THP_MODE.read_text(), reason="this kernel has no transparent huge pages"
+)
+def test_huge_pages_remove_most_page_faults():
+    faults = _faults("use_huge_pages")
+    assert faults[False] > 500_000
+    assert faults[True] < faults[False] / 5
+
+
+def test_huge_pages_report_when_set_too_late():
+    """PyTorch reads THP_MEM_ALLOC_ENABLE once, at its first CPU allocation: afterwards the setting cannot work."""
+    code = f"""
+import sys, torch
+torch.ones(1)
+sys.path.insert(0, {str(BUNDLES / "swin_unetr_btcv")!r})
+import logging; logging.basicConfig(level=logging.INFO)
+from scripts.memory import use_huge_pages
+print(use_huge_pages(True))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["False"]
+    assert "cpu_huge_pages: PyTorch did not take THP_MEM_ALLOC_ENABLE" in proc.stderr
