@@ -15,11 +15,12 @@ Variants:
 - `shipped`: `python -m monai.bundle run` of the bundle's own configs with no speed flags at all.
 
 Each variant runs `--rounds` times in the order reference, reference_tuned, shipped, reference, ... so that drift
-of the machine hits all alike. Prints medians, ratios and peak RSS (of the bundle process, from wait4), and the
-machine it ran on.
+of the machine hits all alike. Prints medians, ratios, peak RSS (of the bundle process, from wait4), peak GPU
+memory on CUDA, and the machine it ran on. A variant killed for lack of memory is reported and the others go on.
 
     .venv/bin/python ci/benchmark.py                       # all three workloads, 2 rounds (about 40 min on 2 cores)
     .venv/bin/python ci/benchmark.py --workloads btcv_infer --rounds 1 --iterations 2
+    .venv/bin/python ci/benchmark.py --workloads btcv_train --variants shipped --shipped_overrides '{"amp": false}'
 """
 
 from __future__ import annotations
@@ -103,18 +104,29 @@ def child(args: argparse.Namespace) -> None:
         if setting in workflow.parser:
             workflow.parser.get_parsed_content(setting)
     engine = workflow.parser.get_parsed_content(spec["engine"])
+    import torch
+
     stamps: list[float] = []
-    engine.add_event_handler(Events.STARTED, lambda _: stamps.append(time.perf_counter()))
-    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: stamps.append(time.perf_counter()))
+
+    def stamp(_) -> None:
+        if torch.cuda.is_available():  # CUDA kernels run asynchronously: time the finished work
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    engine.add_event_handler(Events.STARTED, stamp)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, stamp)
     workflow.run()
     workflow.finalize()
     durations = [b - a for a, b in zip(stamps, stamps[1:])]
+    gpu_peak = torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
     with open(args.result, "w") as f:
-        json.dump({"warmup": durations[:1], "iterations": durations[1:]}, f)
+        json.dump({"warmup": durations[:1], "iterations": durations[1:], "peak_gpu_gb": gpu_peak}, f)
 
 
-def measure(name: str, variant: str, data: dict, iterations: int, work: str) -> dict:
+def measure(name: str, variant: str, data: dict, iterations: int, work: str, shipped_overrides: dict) -> dict:
     spec = workload(name, data, iterations)
+    if variant == "shipped":
+        spec["overrides"].update(shipped_overrides)
     if variant != "shipped":
         spec["configs"] = spec["configs"] + [os.path.join(HERE, f"reference_{name}.json")]
     if variant == "reference_tuned":
@@ -129,13 +141,15 @@ def measure(name: str, variant: str, data: dict, iterations: int, work: str) -> 
     _, status, usage = os.wait4(proc.pid, 0)
     stderr = proc.stderr.read()
     if os.WIFSIGNALED(status):  # the kernel's OOM killer leaves no traceback
-        raise RuntimeError(f"{name}/{variant} was killed by signal {os.WTERMSIG(status)} (out of memory?), peak RSS "
-                           f"{usage.ru_maxrss / 1024**2:.1f} GB")  # fmt: skip
+        killed = MemoryError(f"{name}/{variant} was killed by signal {os.WTERMSIG(status)} (out of memory?), peak RSS "
+                             f"{usage.ru_maxrss / 1024**2:.1f} GB")  # fmt: skip
+        killed.peak_rss_gb = usage.ru_maxrss / 1024**2
+        raise killed
     if status != 0:
         raise RuntimeError(f"{name}/{variant} failed:\n{stderr[-3000:]}")
     with open(result) as f:
         timings = json.load(f)
-    return {"iterations": timings["iterations"], "peak_rss_gb": usage.ru_maxrss / 1024**2}
+    return {"iterations": timings["iterations"], "peak_rss_gb": usage.ru_maxrss / 1024**2, "peak_gpu_gb": timings["peak_gpu_gb"]}
 
 
 def machine() -> str:
@@ -153,32 +167,43 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds per workload")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations per process, after 1 warm-up")
+    parser.add_argument("--shipped_overrides", type=json.loads, default={},
+                        help='settings for the shipped variant only, to try one out: \'{"use_checkpoint": false}\'')
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
-    print(f"machine: {machine()}", flush=True)
+    print(f"machine: {machine()}" + (f"; shipped with {args.shipped_overrides}" if args.shipped_overrides else ""), flush=True)
     with tempfile.TemporaryDirectory(prefix="swin_bench_") as root:
         data = make_data(root, args.iterations + 1)
         rows = []
         for name in args.workloads:
-            results = {v: {"iterations": [], "peak_rss_gb": 0.0} for v in args.variants}
+            results = {v: {"iterations": [], "peak_rss_gb": 0.0, "peak_gpu_gb": 0.0} for v in args.variants}
             for round_ in range(args.rounds):
                 for variant in args.variants:
                     with tempfile.TemporaryDirectory(dir=root) as work:
-                        r = measure(name, variant, data, args.iterations, work)
+                        try:
+                            r = measure(name, variant, data, args.iterations, work, args.shipped_overrides)
+                        except MemoryError as e:  # the other variants still get measured
+                            print(f"{name} round {round_ + 1} {variant}: {e}", flush=True)
+                            results[variant]["peak_rss_gb"] = max(results[variant]["peak_rss_gb"], e.peak_rss_gb)
+                            continue
                     results[variant]["iterations"] += r["iterations"]
-                    results[variant]["peak_rss_gb"] = max(results[variant]["peak_rss_gb"], r["peak_rss_gb"])
-                    times = ", ".join(f"{t:.1f}" for t in r["iterations"])
-                    print(f"{name} round {round_ + 1} {variant}: {times} s, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
-            medians = {v: statistics.median(results[v]["iterations"]) for v in args.variants}
-            rows.append((name, medians, {v: results[v]["peak_rss_gb"] for v in args.variants}))
+                    for peak in ("peak_rss_gb", "peak_gpu_gb"):
+                        results[variant][peak] = max(results[variant][peak], r[peak] or 0.0)
+                    times = ", ".join(f"{t:.3g}" for t in r["iterations"])
+                    gpu = f", peak GPU memory {r['peak_gpu_gb']:.2f} GB" if r["peak_gpu_gb"] is not None else ""
+                    print(f"{name} round {round_ + 1} {variant}: {times} s, peak RSS {r['peak_rss_gb']:.2f} GB{gpu}", flush=True)
+            medians = {v: statistics.median(results[v]["iterations"]) for v in args.variants if results[v]["iterations"]}
+            peaks = {v: f"{results[v]['peak_rss_gb']:.1f}" + (f", GPU {results[v]['peak_gpu_gb']:.1f}" if results[v]["peak_gpu_gb"] else "")
+                     for v in args.variants}  # fmt: skip
+            rows.append((name, medians, peaks))
     print("\n| workload | " + " | ".join(f"{v} median s (peak GB)" for v in args.variants) + " | speed-up vs reference | vs reference_tuned |")
     print("|---" * (len(args.variants) + 3) + "|")
     for name, medians, rss in rows:
-        cells = " | ".join(f"{medians[v]:.1f} ({rss[v]:.1f})" for v in args.variants)
+        cells = " | ".join(f"{medians[v]:.3g} ({rss[v]})" if v in medians else f"killed ({rss[v]})" for v in args.variants)
         ratio = lambda v: f"{medians[v] / medians['shipped']:.2f}x" if v in medians and "shipped" in medians else "-"  # noqa: E731
         print(f"| {name} | {cells} | {ratio('reference')} | {ratio('reference_tuned')} |")
 

@@ -45,8 +45,14 @@ def test_training_writes_checkpoints_and_validates(trained):
     dice = [float(v) for v in BEST_DICE.findall(log)]
     assert len(dice) == 2 and all(0.0 <= d <= 1.0 for d in dice)
     assert list((out / "eval").glob("events.out.tfevents.*"))
-    assert "CPU tensors of 2 MB or more are backed by transparent huge pages" in log  # set before any allocation
-    assert "amp:" not in log  # float32 on CPU unless asked for (--amp true)
+    if torch.cuda.is_available():  # huge pages are for CPU training; a CUDA run leaves the setting alone
+        assert "cpu_huge_pages" not in log
+    else:
+        assert "CPU tensors of 2 MB or more are backed by transparent huge pages" in log  # set before any allocation
+    if torch.cuda.is_available():  # MONAI's own float16 AMP, which logs nothing
+        assert "amp:" not in log
+    else:  # bfloat16 autocast by default where the CPU has it, said either way
+        assert re.search(r"amp: (the training forward pass runs under bfloat16 autocast|this CPU has no native bfloat16)", log)
     state = torch.load(out / "models" / "model.pt", weights_only=True)
     assert state["swinViT.patch_embed.proj.weight"].shape == (12, 1, 2, 2, 2)
     assert state["out.conv.conv.weight"].shape[0] == 14
@@ -74,6 +80,24 @@ def test_resume_continues_from_latest_checkpoint(trained, btcv_data, tmp_path):
     assert len(loss_values(log)) == 4  # only the third epoch ran
     resumed = torch.load(tmp_path / "models" / "checkpoint_epoch=3.pt", weights_only=False)
     assert resumed["trainer"]["iteration"] == 12 and resumed["trainer"]["epoch_length"] == 4
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(trained, btcv_data, tmp_path):
+    out, _ = trained
+    shutil.copytree(out / "models", tmp_path / "models")
+    before = (tmp_path / "models" / "checkpoint_epoch=2.pt").read_bytes()
+    proc = run_bundle(
+        [TRAIN], "training", check=False, dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"), max_epochs=3, val_interval=1, resume=True, **TINY,
+        **{"loss#lambda_ce": "$float('nan')"},  # a loss that is NaN from the first step of epoch 3
+    )  # fmt: skip
+    assert proc.returncode != 0
+    first = next(line for line in proc.stderr.splitlines() if re.match(r"^\w+(Error|Exception):", line))
+    assert first.startswith("FloatingPointError: training loss is nan at epoch 3, iteration 9")
+    assert str(tmp_path / "models") in first
+    # nothing written after the NaN: the epoch-2 checkpoint is still the latest, byte for byte
+    assert sorted(p.name for p in (tmp_path / "models").glob("checkpoint_*")) == ["checkpoint_epoch=2.pt"]
+    assert (tmp_path / "models" / "checkpoint_epoch=2.pt").read_bytes() == before
 
 
 def test_resume_without_checkpoint_is_a_clear_error(btcv_data, tmp_path):
@@ -223,7 +247,7 @@ def test_pretrained_encoder_is_loaded_into_fine_tuning(btcv_data, tmp_path):
     )  # fmt: skip
     assert re.search(r"loaded 126 of 126 encoder tensors from .*model_swinvit.pt", proc.stdout + proc.stderr)
     # learning rate 0: the saved network still holds the pre-trained encoder exactly
-    saved = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    saved = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     for key, value in source.state_dict().items():
         if key.startswith("swinViT."):
             torch.testing.assert_close(saved[key], value)

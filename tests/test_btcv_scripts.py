@@ -14,7 +14,7 @@ from monai.metrics import HausdorffDistanceMetric
 from monai.networks.nets import SwinUNETR
 
 scripts = load_bundle_scripts("swin_unetr_btcv")
-from scripts import checkpoints, checks, datalist, metrics, mixed_precision, pretrained  # noqa: E402
+from scripts import checkpoints, checks, datalist, finite_loss, metrics, mixed_precision, pretrained  # noqa: E402
 
 
 @pytest.fixture()
@@ -280,3 +280,66 @@ def test_autocast_inferer_is_plain_float32_when_off_or_unsupported(monkeypatch, 
     out = inferer(x, net)
     assert net.seen[-1][0] is False and out["dtype_inside"] == "torch.float32"
     assert torch.equal(out["pred"], SimpleInferer()(x, net)["pred"])
+
+
+class _Bottleneck(torch.nn.Module):
+    """A convolution on the full input, then one on 2x2x2 voxels like SwinUNETR's bottleneck at a 64^3 patch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.large = torch.nn.Conv3d(1, 48, 3, padding=1)
+        self.small = torch.nn.Conv3d(48, 48, 3, padding=1)
+
+    def forward(self, x):
+        return self.small(torch.nn.functional.adaptive_avg_pool3d(self.large(x), 2))
+
+
+def test_autocast_inferer_keeps_convolutions_on_few_voxels_in_float32(monkeypatch):
+    from monai.inferers import SimpleInferer
+
+    monkeypatch.setattr(mixed_precision, "cpu_has_native_bfloat16", lambda: True)
+    net, dtypes = _Bottleneck(), {}
+    for name in ("large", "small"):
+        getattr(net, name).register_forward_hook(lambda m, args, out, name=name: dtypes.update({name: out.dtype}))
+    mixed_precision.AutocastInferer(SimpleInferer(), enabled=True)(torch.rand(1, 1, 8, 8, 8), net)
+    assert dtypes == {"large": torch.bfloat16, "small": torch.float32}
+    assert not torch.is_autocast_enabled("cpu")
+    # the inferer's hooks are gone after the call: only the test's own remain
+    assert [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in (net.large, net.small)] == [1, 1]
+
+
+def test_bfloat16_weight_gradients_on_few_voxels_stay_finite(monkeypatch):
+    """Replays what turned tiny bfloat16 trainings NaN: a convolution on 2x2x2 voxels after memory holding NaN was
+    freed. oneDNN's bfloat16 backward read it uninitialised; unguarded, most such steps gave NaN weight gradients
+    here (torch 2.13 CPU)."""
+    from monai.inferers import SimpleInferer
+
+    monkeypatch.setattr(mixed_precision, "cpu_has_native_bfloat16", lambda: True)
+    torch.manual_seed(0)
+    net, inferer = torch.nn.Conv3d(48, 48, 3, padding=1), mixed_precision.AutocastInferer(SimpleInferer(), enabled=True)
+    for _ in range(20):
+        junk = [torch.full((n,), float("nan")) for n in (1000, 20000, 300000, 3000000)]
+        del junk
+        net.zero_grad(set_to_none=True)
+        (inferer(torch.randn(1, 48, 2, 2, 2), net) * torch.randn(1, 48, 2, 2, 2) * 1e-3).sum().backward()
+        assert torch.isfinite(net.weight.grad).all()
+
+
+@pytest.mark.parametrize("decollated", [False, True])
+def test_finite_loss_check_raises_at_the_first_nan(decollated):
+    from ignite.engine import Engine
+
+    losses = [0.5, 0.4, float("nan"), 0.3]
+
+    def step(engine, batch):
+        output = {"loss": torch.tensor(losses[engine.state.iteration - 1])}
+        return [output] if decollated else output
+
+    engine = Engine(step)
+    finite_loss.FiniteLossCheck(ckpt_dir="/runs/models").attach(engine)
+    with pytest.raises(FloatingPointError, match=r"^training loss is nan at epoch 1, iteration 3: .* /runs/models"):
+        engine.run(range(4), max_epochs=1)
+    assert engine.state.iteration == 3  # stopped there, the fourth step never ran
+    finite = Engine(lambda engine, batch: {"loss": torch.tensor(0.5)})
+    finite_loss.FiniteLossCheck().attach(finite)
+    assert finite.run(range(4), max_epochs=2).iteration == 8

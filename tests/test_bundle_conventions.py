@@ -72,6 +72,7 @@ COPIED_HELPERS = {
     "checks.py": BUNDLE_NAMES, "checkpoints.py": BUNDLE_NAMES, "memory.py": BUNDLE_NAMES, "datalist.py": SEGMENTATION_BUNDLES,
     "metrics.py": SEGMENTATION_BUNDLES, "image_writer.py": SEGMENTATION_BUNDLES, "pretrained.py": SEGMENTATION_BUNDLES,
     "curves.py": BUNDLE_NAMES, "overlays.py": SEGMENTATION_BUNDLES, "mixed_precision.py": BUNDLE_NAMES,
+    "finite_loss.py": BUNDLE_NAMES,
 }  # fmt: skip
 
 
@@ -130,3 +131,36 @@ def _check_amp_wiring(bundle, device, amp, mixed_precision, ConfigParser):
     # fused AdamW on CPU turned bfloat16-trained conv gradients into NaN within a few steps (torch 2.13), so the
     # optimizer stays on PyTorch's default (foreach) implementation
     assert "fused" not in parser["optimizer"]
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_huge_pages_are_set_for_cpu_training_only(bundle, device):
+    """On a GPU PyTorch has read its allocator settings before `run` starts (seen on an H100: the check reported
+    that THP_MEM_ALLOC_ENABLE did not take), and the network's tensors are not CPU tensors anyway."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
+    parser["device"] = f"$torch.device('{device}')"
+    assert parser["cpu_huge_pages"] is True
+    assert parser.get_parsed_content("huge_pages#enabled") is (device == "cpu")
+
+
+@pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
+def test_evaluation_moves_predictions_to_the_labels_device(bundle):
+    """evaluate.json compares predictions inverted to each image's original space with the original labels, which
+    stay on the CPU; on a GPU the inverted prediction was a CUDA tensor and Dice failed on mixed devices (H100)."""
+    postprocessing = json.loads((BUNDLES / bundle / "configs" / "evaluate.json").read_text())["validate#postprocessing"]
+    names = [t["_target_"] for t in postprocessing["transforms"]]
+    invert = postprocessing["transforms"][names.index("Invertd")]
+    assert invert["device"] == "cpu"
+    # the labels compared against are the original ones, copied in after the inversion, never moved to the GPU
+    assert names.index("CopyItemsd") > names.index("Invertd") and "ToDeviced" not in names
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_training_stops_at_a_non_finite_loss(bundle):
+    """First among the training handlers, so nothing (checkpoints, curves) sees the iteration whose loss is NaN."""
+    handlers = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())["train"]["handlers"]
+    assert handlers[0] == {"_target_": "scripts.finite_loss.FiniteLossCheck", "ckpt_dir": "@ckpt_dir"}

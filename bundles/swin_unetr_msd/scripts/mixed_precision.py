@@ -16,8 +16,15 @@ from typing import Any
 
 import torch
 from monai.inferers import Inferer
+from torch.utils.hooks import RemovableHandle
 
 logger = logging.getLogger(__name__)
+
+# oneDNN's bfloat16 convolution backward (seen with torch 2.13 CPU) reads uninitialised memory when the input has only
+# a few voxels, e.g. the 2x2x2 SwinUNETR bottleneck of a 64^3 patch: the weight gradient then holds NaN at random
+# (about one step in three on a replayed case) and training goes NaN. Such convolutions cost next to nothing, so
+# they run in float32.
+FLOAT32_BELOW_VOXELS = 64
 
 
 def cpu_has_native_bfloat16() -> bool:
@@ -36,6 +43,29 @@ def _to_float32(outputs: Any) -> Any:
     if isinstance(outputs, (list, tuple)):
         return type(outputs)(_to_float32(value) for value in outputs)
     return outputs
+
+
+def _float32_on_small_inputs(network: torch.nn.Module) -> list[RemovableHandle]:
+    """Hooks making `network`'s convolutions on inputs under `FLOAT32_BELOW_VOXELS` voxels leave autocast."""
+
+    def enter(module: torch.nn.Module, args: tuple) -> tuple | None:
+        if args[0].shape[2:].numel() >= FLOAT32_BELOW_VOXELS:
+            return None
+        module._float32_scope = torch.autocast("cpu", enabled=False)
+        module._float32_scope.__enter__()
+        return (args[0].float(),) + tuple(args[1:])
+
+    def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        scope = module.__dict__.pop("_float32_scope", None)
+        if scope is not None:
+            scope.__exit__(None, None, None)
+
+    handles = []
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+    return handles
 
 
 class AutocastInferer(Inferer):
@@ -57,6 +87,13 @@ class AutocastInferer(Inferer):
             logger.info("amp: this CPU has no native bfloat16 (AVX512-BF16/AMX); training computes in float32")
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.enabled):
-            outputs = self.inferer(inputs, network, *args, **kwargs)
-        return _to_float32(outputs) if self.enabled else outputs
+        if not self.enabled:
+            return self.inferer(inputs, network, *args, **kwargs)
+        handles = _float32_on_small_inputs(network)
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outputs = self.inferer(inputs, network, *args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return _to_float32(outputs)
