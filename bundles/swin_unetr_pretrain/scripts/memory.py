@@ -9,7 +9,10 @@ because PyTorch has no CPU caching allocator:
   ~70x fewer page faults, same peak memory. PyTorch reads the variable at its first CPU allocation, which in a
   bundle run comes after the configs are parsed, so setting it first thing in `run` works; the function checks it.
 - `keep_freed_memory`: glibc `mallopt` so that freed memory stays with the process: no faults at all in a steady
-  state, but higher peak resident memory (glibc's heap fragments under this allocation pattern).
+  state, but higher peak resident memory (glibc's heap fragments under this allocation pattern). All threads share
+  one heap: with glibc's default of one arena per thread, the threads that allocate tensors (autograd, data loading)
+  each keep their own freed memory, and a BTCV training step (bfloat16, feature 48, 96^3) peaked at 7.3 GB instead of
+  6.0-6.5 GB, and took 10.1 s instead of 8.3 s.
 """
 
 
@@ -24,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # from glibc's malloc.h
 _TRIM_ABOVE = 2**31 - 1  # bytes free at the heap top before any goes back to the OS (mallopt takes an int)
 
 
@@ -35,7 +38,8 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
-        done = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE))
+        settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_ABOVE))
+        done = all(bool(libc.mallopt(option, value)) for option, value in settings)
     except (OSError, AttributeError, TypeError):
         done = False
     if not done:
