@@ -16,8 +16,8 @@ Variants:
 - `opt_in`: shipped plus the opt-in speed settings the model cards document, which trade memory or exactness for
   time (`OPT_IN`: glibc memory pool for training, bfloat16 inference on CPU).
 
-Each variant runs `--rounds` times in the order reference, reference_tuned, shipped, reference, ... so that drift
-of the machine hits all alike. Prints medians, ratios, peak RSS (of the bundle process, from wait4), peak GPU
+Each variant runs `--rounds` times in the order reference, reference_tuned, shipped, opt_in, reference, ... so that
+drift of the machine hits all alike. Prints medians, ratios, peak RSS (of the bundle process, from wait4), peak GPU
 memory on CUDA, and the machine it ran on. A variant killed for lack of memory is reported and the others go on.
 
     .venv/bin/python ci/benchmark.py                       # all three workloads, 2 rounds (about 50 min on 2 cores)
@@ -41,8 +41,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(REPO, "ci", "benchmark")
 BUNDLES = os.path.join(REPO, "bundles")
 VARIANTS = ("reference", "reference_tuned", "shipped", "opt_in")
-# CPU-only levers (on CUDA both are inactive or already on): the memory pool keeps glibc's freed buffers, faster
-# steps at a higher peak; `amp` in inference gives bfloat16 probabilities (~1e-2 from float32)
+# CPU levers (on CUDA inference `amp` is float16 AMP by default and the pool only concerns host memory): the pool
+# keeps glibc's freed buffers, faster steps at a higher peak; `amp` in inference gives bfloat16 probabilities
 OPT_IN = {"btcv_train": {"cpu_memory_pool": True}, "btcv_infer": {"amp": True}, "ssl_train": {"cpu_memory_pool": True}}
 TUNED_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 
