@@ -31,7 +31,7 @@ for part in "${parts[@]}"; do
     timeout 120 $py -m torch.distributed.run --nproc_per_node="$($py -c 'import torch; print(torch.cuda.device_count())')" \
       -m monai.bundle run training --config_file "['$configs/train.json','$configs/multi_gpu_train.json']" \
       --dataset_dir "$data/btcv" --ckpt_dir "$data/models" --output_dir "$data/eval" --feature_size 12 \
-      --roi_size "[64,64,64]" --use_checkpoint false --num_samples 1 --num_workers 2 --max_epochs 4 --val_interval 2 \
+      --roi_size "[64,64,64]" --use_checkpoint False --num_samples 1 --num_workers 2 --max_epochs 4 --val_interval 2 \
       --warmup_epochs 1 --learning_rate 0.003 > "$out/torchrun.log" 2>&1
     echo "torchrun exit $?"; grep -E "Metrics|Error" "$out/torchrun.log" | tail -4
     ;;

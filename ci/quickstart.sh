@@ -18,7 +18,7 @@ python ci/synthetic_ct.py --out_dir "$out/data" --num_train 8 --num_test 2 --sha
 
 # A tiny network and a short schedule so it finishes in minutes on 2 CPU cores; drop these for the paper recipe.
 tiny=(--dataset_dir "$out/data" --ckpt_dir "$out/models" --feature_size 12 --roi_size "[64,64,64]"
-      --use_checkpoint false --num_workers 2 --sw_batch_size 2)
+      --use_checkpoint False --num_workers 2 --sw_batch_size 2)
 step() {  # step NAME COMMAND...: runs quietly into $out/NAME.log, shows its tail on failure
   local log="$out/$1.log"; shift
   "$@" > "$log" 2>&1 || { tail -30 "$log"; echo "failed: see $log"; exit 1; }

@@ -163,6 +163,17 @@ def test_roi_size_not_divisible_by_32_fails_before_training(btcv_data, tmp_path)
     assert "Epoch: 1" not in proc.stdout + proc.stderr
 
 
+
+def test_lower_case_false_on_the_command_line_is_an_error_not_true(btcv_data, tmp_path):
+    """`--amp false` reaches the config as the text 'false', which Python would treat as true."""
+    proc = run_bundle(
+        [TRAIN], check=False, dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "m"), output_dir=str(tmp_path / "o"),
+        **dict(TINY, amp="false"),
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "amp must be True or False, got 'false': on the command line write --amp False" in proc.stderr
+    assert "Epoch: 1" not in proc.stdout + proc.stderr and not (tmp_path / "o").exists()
+
 @pytest.mark.parametrize("breakage, message", [
     ("missing", "does not exist or is not a folder"),
     ("empty", "imagesTr holds no NIfTI images"),

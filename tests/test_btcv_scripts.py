@@ -124,6 +124,14 @@ def test_roi_size_must_be_divisible_by_32():
         checks.check_roi_size([96, 96])
 
 
+
+def test_flags_must_be_bools_not_command_line_text():
+    assert checks.check_flags(amp=False, resume=True) == {"amp": False, "resume": True}
+    with pytest.raises(ValueError, match=r"^amp must be True or False, got 'false': .* write --amp False \(capitalised"):
+        checks.check_flags(resume=True, amp="false")
+    with pytest.raises(ValueError, match=r"use_checkpoint must be True or False, got 'true': .* --use_checkpoint True "):
+        checks.check_flags(use_checkpoint="true")
+
 # --- resume -----------------------------------------------------------------------------------------------------
 def test_latest_checkpoint_picks_highest_epoch(tmp_path):
     for name in ["checkpoint_epoch=2.pt", "checkpoint_epoch=10.pt", "model.pt"]:

@@ -53,6 +53,19 @@ def test_inference_settings_are_exposed_and_used(bundle):
     assert not missing and not unused, f"missing {missing}, never referenced {unused}"
 
 
+@pytest.mark.parametrize(
+    "bundle, name", [(b, "train.json") for b in BUNDLE_NAMES] + [(b, "inference.json") for b in SEGMENTATION_BUNDLES]
+)
+def test_yes_no_settings_are_checked_first_in_run(bundle, name):
+    """Each top-level true/false setting goes through `check_flags` before anything else runs (`--amp false` is text)."""
+    config = json.loads((BUNDLES / bundle / "configs" / name).read_text())
+    computed = {"amp", "cpu_memory_pool"}  # yes/no settings whose inference defaults are expressions
+    flags = {key for key, value in config.items() if isinstance(value, bool) or key in computed}
+    assert config["run"][0] == "$@flags_check"
+    assert config["flags_check"]["_target_"] == "scripts.checks.check_flags"
+    assert {key for key in config["flags_check"] if key != "_target_"} == flags
+    assert all(config["flags_check"][key] == f"@{key}" for key in flags)
+
 @pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
 def test_inference_config_stands_alone_for_monai_label(bundle):
     text = (BUNDLES / bundle / "configs" / "inference.json").read_text()

@@ -72,7 +72,7 @@ def test_label_maps_match_the_reference_path(case):
 
 
 def test_opt_in_bfloat16_inference_stays_close_to_float32(case):
-    """`--amp true` on a CPU with native bfloat16 (the default stays float32 there, which the tests above pin)."""
+    """`--amp True` on a CPU with native bfloat16 (the default stays float32 there, which the tests above pin)."""
     bfloat16 = probabilities([INFERENCE], case, device="cpu", amp=True)
     float32 = probabilities([INFERENCE], case, device="cpu")
     if not sys.modules["scripts.mixed_precision"].cpu_has_native_bfloat16():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 # SwinUNETR halves the resolution five times (patch embedding + four merging stages).
 SWIN_DIVISOR = 32
@@ -21,3 +22,19 @@ def check_roi_size(roi_size: Sequence[int], name: str = "roi_size") -> list[int]
             f"use e.g. {[math.ceil(s / SWIN_DIVISOR) * SWIN_DIVISOR for s in sizes]}."
         )
     return sizes
+
+
+def check_flags(**flags: Any) -> dict[str, bool]:
+    """Raises unless every yes/no setting is a bool; returns them.
+
+    `python -m monai.bundle run` parses command-line values as Python literals (Fire), so `--amp false` arrives as
+    the text 'false', which Python treats as true: the run would silently do the opposite of what was asked.
+    """
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            meant = "True" if str(value).strip().lower() in ("true", "1", "yes", "on") else "False"
+            raise ValueError(
+                f"{name} must be True or False, got {value!r}: on the command line write --{name} {meant} "
+                "(capitalised; monai.bundle reads lower-case true/false as text, which counts as true)."
+            )
+    return flags
