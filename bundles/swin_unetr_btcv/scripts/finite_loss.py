@@ -33,6 +33,6 @@ class FiniteLossCheck:
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss} at epoch {engine.state.epoch}, iteration {engine.state.iteration}: stopped "
-                f"before writing more checkpoints; resume from the last one in {self.ckpt_dir} with `--resume true`, "
-                "e.g. with a lower learning_rate or `--amp false`."
+                f"before writing more checkpoints; resume from the last one in {self.ckpt_dir} with `--resume True`, "
+                "e.g. with a lower learning_rate or `--amp False`."
             )

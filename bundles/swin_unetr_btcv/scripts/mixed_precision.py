@@ -5,8 +5,8 @@ with AVX512-BF16 or AMX (and ARM CPUs with BF16), oneDNN runs convolutions and m
 in bfloat16 and activations take half the memory. `AutocastInferer` runs a MONAI inferer under
 `torch.autocast("cpu", dtype=torch.bfloat16)` and hands back float32 outputs, so that the loss and the backward pass
 stay outside autocast, as PyTorch recommends for AMP. bfloat16 has float32's exponent range, so no gradient scaler is
-needed. The train configs use it by default (`amp`); the inference configs only with `--amp true`, because bfloat16
-probabilities differ from float32 ones by up to ~1e-2 and flip the label of voxels near a tie. This file is a
+needed. The train configs use it by default (`amp`); the inference configs only with `--amp True`, because bfloat16
+probabilities differ from float32 ones by up to a few hundredths and flip the label of voxels near a tie. This file is a
 bundle-local copy (identical in every bundle) so each bundle works when copied alone.
 """
 
