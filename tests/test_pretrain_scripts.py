@@ -32,6 +32,26 @@ def test_disabled_head_is_not_built():
     assert net.contrastive_head is None and net.rotation_head is None
 
 
+def test_encoding_one_sub_volume_at_a_time_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    whole = ssl_head.SSLHead(feature_size=12, projection_dim=16)
+    per_sample = ssl_head.SSLHead(feature_size=12, projection_dim=16, encoder_pass_size=1)
+    per_sample.load_state_dict(whole.state_dict())
+    x = torch.rand(3, 1, 64, 64, 32)
+    results = []
+    for net in (whole, per_sample):
+        out = net(x)
+        sum(v.square().mean() for v in out.values()).backward()
+        results.append((out, net.swinViT.layers1[0].blocks[1].attn.qkv.weight.grad))
+    (out_a, grad_a), (out_b, grad_b) = results
+    for key in ("rotation", "contrastive", "reconstruction"):
+        torch.testing.assert_close(out_b[key], out_a[key], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-3, atol=1e-6)
+    assert grad_a.abs().max() > 0
+    with pytest.raises(ValueError, match="encoder_pass_size must be 0"):
+        ssl_head.SSLHead(feature_size=12, encoder_pass_size=-1)
+
+
 def test_encoder_is_swinunetr_encoder():
     ssl_keys = {k for k in ssl_head.SSLHead(feature_size=12).state_dict() if k.startswith("swinViT.")}
     seg_keys = {k for k in SwinUNETR(1, 14, feature_size=12).state_dict() if k.startswith("swinViT.")}
@@ -212,12 +232,29 @@ def test_dataset_choices_build(override, dataset_type, tmp_path):
     configs = BUNDLES / "swin_unetr_pretrain" / "configs"
     parser = ConfigParser()
     parser.read_config([str(configs / "train.json")] + ([str(configs / override)] if override else []))
+    plain = ConfigParser()
+    plain.read_config(str(configs / "train.json"))
+    # an override changes where the data comes from, not what a run does (memory settings, progress bar)
+    assert parser["run"] == plain["run"]
     parser.update({"dataset_dir": str(tmp_path / "ct"), "image_glob": "imagesTr/*.nii.gz", "roi_size": [32, 32, 32],
-                   "bundle_root": str(tmp_path), "num_workers": 0, "smartcache_num": 1, "val_fraction": 0.34})
+                   "feature_size": 12, "bundle_root": str(tmp_path), "num_workers": 0, "smartcache_num": 1, "val_fraction": 0.34})
     dataset = parser.get_parsed_content("train#dataset")
     assert type(dataset).__name__ == dataset_type
     assert len(dataset) == (1 if dataset_type == "SmartCacheDataset" else 2)
     assert set(dataset[0][0]) == {"view1", "view2", "target1", "target2", "rot1", "rot2"}
+    handlers = [type(h).__name__ for h in parser.get_parsed_content("train#trainer#train_handlers")]
+    assert ("SmartCacheHandler" in handlers) == (dataset_type == "SmartCacheDataset")
+
+
+@pytest.mark.parametrize("device, pool, pass_size", [("cpu", True, 1), ("cuda:0", False, 0)])
+def test_cpu_training_keeps_freed_memory_and_encodes_one_sub_volume_at_a_time(device, pool, pass_size):
+    """On a CPU the pool makes a step ~2x faster, and one sub-volume per encoder pass keeps its peak down."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "swin_unetr_pretrain" / "configs" / "train.json"))
+    parser["device"] = device
+    assert parser.get_parsed_content("cpu_memory_pool") is pool
+    assert parser.get_parsed_content("memory_pool#enabled") is pool
+    assert parser.get_parsed_content("network_def#encoder_pass_size") == pass_size
 
 
 def test_gradient_clipping_inside_supervised_trainer():
