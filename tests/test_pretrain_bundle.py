@@ -42,6 +42,7 @@ def test_pretraining_logs_three_terms_and_learns(pretrained):
     assert terms[-4:, 3].mean() < terms[:4, 3].mean()
     assert terms[-4:, 1].mean() < 0.9 * terms[:4, 1].mean()  # inpainting learns fastest
     assert len(re.findall(r"Metrics -- val_l1: [0-9.]+ val_rotation_accuracy: [0-9.]+", log)) == 4
+    assert "cpu_memory_pool: freed memory stays in the process" in log  # on by default for CPU training
 
 
 def test_pretraining_writes_checkpoints_and_encoder(pretrained):

@@ -42,7 +42,9 @@ def keep_freed_memory(enabled: bool = True) -> bool:
         done = all(bool(libc.mallopt(option, value)) for option, value in settings)
     except (OSError, AttributeError, TypeError):
         done = False
-    if not done:
+    if done:
+        logger.info("cpu_memory_pool: freed memory stays in the process for reuse (--cpu_memory_pool False returns it)")
+    else:
         logger.info("cpu_memory_pool: this C library has no glibc mallopt; memory is managed as usual")
     return done
 
