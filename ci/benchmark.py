@@ -1,8 +1,9 @@
 """CPU/GPU benchmark: the bundles as shipped against the reference recipe, A/B interleaved in one run.
 
-Three workloads, each timed per engine iteration after a warm-up, in a fresh process per measurement:
+Four workloads, each timed per engine iteration after a warm-up, in a fresh process per measurement:
 
 - `btcv_train`:  one BTCV training iteration, SwinUNETR feature 48, one 96^3 patch (batch 1, num_samples 1).
+- `btcv_train_step`: the same with the bundle's own step of 4 patches (num_samples 4), as fine-tuning runs by default.
 - `btcv_infer`:  BTCV inference of one 128x128x96 CT, roi 96, overlap 0.5, sw_batch_size 4 (load, sliding window,
                  invert, argmax, write).
 - `ssl_train`:   one pre-training step, feature 48, 96^3, 2 crops x 2 views.
@@ -13,14 +14,14 @@ Variants:
 - `reference_tuned`: the same recipe with the best environment tuning found outside the code: denormals flushed,
   glibc keeping freed memory (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_).
 - `shipped`: `python -m monai.bundle run` of the bundle's own configs with no speed flags at all.
-- `opt_in`: shipped plus the opt-in speed settings the model cards document, which trade memory or exactness for
-  time (`OPT_IN`: glibc memory pool for fine-tuning, bfloat16 inference, on CPU); skipped where there is none.
+- `opt_in`: shipped plus the opt-in speed settings the model cards document, which trade exactness for time
+  (`OPT_IN`: bfloat16 inference on CPU); skipped where there is none.
 
 Each variant runs `--rounds` times in the order reference, reference_tuned, shipped, opt_in, reference, ... so that
 drift of the machine hits all alike. Prints medians, ratios, peak RSS (of the bundle process, from wait4), peak GPU
 memory on CUDA, and the machine it ran on. A variant killed for lack of memory is reported and the others go on.
 
-    .venv/bin/python ci/benchmark.py                       # all three workloads, 2 rounds (about 50 min on 2 cores)
+    .venv/bin/python ci/benchmark.py                       # all four workloads, 2 rounds (about an hour on 2 cores)
     .venv/bin/python ci/benchmark.py --workloads btcv_infer --rounds 1 --iterations 2
     .venv/bin/python ci/benchmark.py --workloads btcv_train --variants shipped --shipped_overrides '{"amp": false}'
 """
@@ -41,32 +42,33 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(REPO, "ci", "benchmark")
 BUNDLES = os.path.join(REPO, "bundles")
 VARIANTS = ("reference", "reference_tuned", "shipped", "opt_in")
-# CPU levers (on CUDA inference `amp` is float16 AMP by default and the pool only concerns host memory): the pool
-# keeps glibc's freed buffers, faster steps at a higher peak; `amp` in inference gives bfloat16 probabilities.
-# Pre-training ships with the pool (and one sub-volume per encoder pass) on CPU: nothing left to opt into.
-OPT_IN = {"btcv_train": {"cpu_memory_pool": True}, "btcv_infer": {"amp": True}, "ssl_train": {}}
+# CPU levers (on CUDA inference `amp` is float16 AMP by default): `amp` in inference gives bfloat16 probabilities.
+# Training ships with the memory pool on CPU (and one patch or sub-volume per pass): nothing left to opt into.
+OPT_IN = {"btcv_train": {}, "btcv_train_step": {}, "btcv_infer": {"amp": True}, "ssl_train": {}}
 TUNED_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 
 
 def workload(name: str, data: dict, iterations: int) -> dict:
     """Bundle configs, engine to time and overrides (same for all variants) of one workload."""
     runs = iterations + 1  # the first iteration is the warm-up
-    if name == "btcv_train":
+    if name in ("btcv_train", "btcv_train_step"):
         configs = [os.path.join(BUNDLES, "swin_unetr_btcv", "configs", "train.json")]
-        overrides = {"dataset_dir": data["btcv"], "max_epochs": 1, "val_interval": 1000, "num_samples": 1,
+        overrides = {"dataset_dir": data["btcv"], "max_epochs": 1, "val_interval": 1000,
                      "datalist": data[f"btcv_train_{runs}"]}  # fmt: skip
-        return {"configs": configs, "engine": "train#trainer", "overrides": overrides}
+        if name == "btcv_train":
+            overrides["num_samples"] = 1
+        return {"configs": configs, "engine": "train#trainer", "overrides": overrides, "reference": "btcv_train"}
     if name == "btcv_infer":
         configs = [os.path.join(BUNDLES, "swin_unetr_btcv", "configs", "inference.json")]
         overrides = {"dataset_dir": data["btcv"], "datalist": data[f"btcv_infer_{runs}"], "overlap": 0.5,
                      "ckpt_dir": data["btcv_models"]}  # fmt: skip
-        return {"configs": configs, "engine": "evaluator", "overrides": overrides}
+        return {"configs": configs, "engine": "evaluator", "overrides": overrides, "reference": name}
     if name == "ssl_train":
         configs = [os.path.join(BUNDLES, "swin_unetr_pretrain", "configs", "train.json")]
         overrides = {"dataset_dir": data["ssl"], "datalist": data[f"ssl_train_{runs}"], "max_epochs": 1,
                      "val_interval": 100000, "batch_size": 1, "num_samples": 2}  # fmt: skip
-        return {"configs": configs, "engine": "train#trainer", "overrides": overrides}
-    raise ValueError(f"unknown workload {name!r}; choose from btcv_train, btcv_infer, ssl_train.")
+        return {"configs": configs, "engine": "train#trainer", "overrides": overrides, "reference": name}
+    raise ValueError(f"unknown workload {name!r}; choose from btcv_train, btcv_train_step, btcv_infer, ssl_train.")
 
 
 def make_data(root: str, max_runs: int) -> dict:
@@ -136,7 +138,7 @@ def measure(name: str, variant: str, data: dict, iterations: int, work: str, shi
     if variant == "opt_in":
         spec["overrides"].update(OPT_IN[name])
     if variant.startswith("reference"):
-        spec["configs"] = spec["configs"] + [os.path.join(HERE, f"reference_{name}.json")]
+        spec["configs"] = spec["configs"] + [os.path.join(HERE, f"reference_{spec['reference']}.json")]
     if variant == "reference_tuned":
         spec["configs"] = spec["configs"] + [os.path.join(HERE, "flush_denormals.json")]
     spec["overrides"]["output_dir"] = os.path.join(work, "out")
@@ -171,7 +173,7 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="+", default=["btcv_train", "btcv_infer", "ssl_train"])
+    parser.add_argument("--workloads", nargs="+", default=["btcv_train", "btcv_train_step", "btcv_infer", "ssl_train"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds per workload")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations per process, after 1 warm-up")

@@ -1,6 +1,7 @@
 """The BTCV bundle end to end through `python -m monai.bundle`: train, resume, evaluate, infer, multi-GPU, export."""
 
 import csv
+import math
 import re
 import shutil
 
@@ -59,12 +60,18 @@ def test_training_writes_checkpoints_and_validates(trained):
 
 
 def test_plain_run_also_trains(btcv_data, tmp_path):
+    """Without a run id; with two patches a step, which a CPU trains one at a time in its memory pool."""
     proc = run_bundle(
         [TRAIN], dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"),
-        max_epochs=1, val_interval=1, **TINY,
+        max_epochs=1, val_interval=1, **dict(TINY, num_samples=2),
     )  # fmt: skip
+    log = proc.stdout + proc.stderr
     assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
-    assert "Engine run finished" in proc.stdout + proc.stderr
+    assert "Engine run finished" in log
+    assert len(loss_values(log)) == 4 and all(math.isfinite(v) for v in loss_values(log))
+    if not torch.cuda.is_available():
+        assert "cpu_memory_pool: freed memory stays in the process" in log
+        assert "patches_per_pass: training runs the network on 1 patch at a time" in log
 
 
 def test_resume_continues_from_latest_checkpoint(trained, btcv_data, tmp_path):

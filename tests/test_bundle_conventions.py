@@ -1,5 +1,6 @@
 """Every bundle has the Model Zoo layout and exposes the project's public settings (see DEVELOPERS.md)."""
 
+import contextlib
 import json
 import sys
 
@@ -85,7 +86,7 @@ COPIED_HELPERS = {
     "checks.py": BUNDLE_NAMES, "checkpoints.py": BUNDLE_NAMES, "memory.py": BUNDLE_NAMES, "datalist.py": SEGMENTATION_BUNDLES,
     "metrics.py": SEGMENTATION_BUNDLES, "image_writer.py": SEGMENTATION_BUNDLES, "pretrained.py": SEGMENTATION_BUNDLES,
     "curves.py": BUNDLE_NAMES, "overlays.py": SEGMENTATION_BUNDLES, "mixed_precision.py": BUNDLE_NAMES,
-    "finite_loss.py": BUNDLE_NAMES,
+    "finite_loss.py": BUNDLE_NAMES, "patchwise.py": SEGMENTATION_BUNDLES,
 }  # fmt: skip
 
 
@@ -110,23 +111,31 @@ def test_encoder_key_mapping_agrees_between_export_and_import():
         assert [export_key(k) for k in keys] == [import_key(k) for k in keys], bundle
 
 
-@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
-@pytest.mark.parametrize("device, amp", [("cpu", True), ("cpu", False), ("cuda:0", True)])
-def test_amp_setting_picks_cuda_amp_or_cpu_bfloat16(bundle, device, amp):
-    """`amp` turns on MONAI's CUDA AMP on a GPU and the bundle's bfloat16 autocast on a CPU, never both."""
+@contextlib.contextmanager
+def _scripts_of(bundle):
+    """The bundle's `scripts` package, imported for the test; later tests get back the one they imported."""
     from conftest import load_bundle_scripts
-    from monai.bundle import ConfigParser
 
     saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "scripts"}
     scripts = load_bundle_scripts(bundle)
     import scripts.mixed_precision  # noqa: F401  (imported here, while the bundle is on sys.path)
 
     try:
-        _check_amp_wiring(bundle, device, amp, scripts.mixed_precision, ConfigParser)
-    finally:  # give later tests back the `scripts` package they imported
+        yield scripts
+    finally:
         for name in [n for n in sys.modules if n.split(".")[0] == "scripts"]:
             del sys.modules[name]
         sys.modules.update(saved)
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+@pytest.mark.parametrize("device, amp", [("cpu", True), ("cpu", False), ("cuda:0", True)])
+def test_amp_setting_picks_cuda_amp_or_cpu_bfloat16(bundle, device, amp):
+    """`amp` turns on MONAI's CUDA AMP on a GPU and the bundle's bfloat16 autocast on a CPU, never both."""
+    from monai.bundle import ConfigParser
+
+    with _scripts_of(bundle) as scripts:
+        _check_amp_wiring(bundle, device, amp, scripts.mixed_precision, ConfigParser)
 
 
 def _check_amp_wiring(bundle, device, amp, mixed_precision, ConfigParser):
@@ -135,6 +144,9 @@ def _check_amp_wiring(bundle, device, amp, mixed_precision, ConfigParser):
     parser["device"], parser["amp"] = f"$torch.device('{device}')", amp
     assert parser.get_parsed_content("cuda_amp") is (amp and device.startswith("cuda"))
     inferer = parser.get_parsed_content("train#inferer")
+    if bundle in SEGMENTATION_BUNDLES:  # fine-tuning runs groups of patches, each under autocast
+        assert type(inferer).__name__ == "PatchwiseInferer"
+        inferer = inferer.inferer
     assert isinstance(inferer, mixed_precision.AutocastInferer)
     expected = amp and device == "cpu" and mixed_precision.cpu_has_native_bfloat16()
     assert inferer.enabled is expected
@@ -177,3 +189,23 @@ def test_training_stops_at_a_non_finite_loss(bundle):
     """Appended last: multi_gpu_train.json disables handlers on ranks > 0 by their index in the list."""
     handlers = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())["train"]["handlers"]
     assert handlers[-1] == {"_target_": "scripts.finite_loss.FiniteLossCheck", "ckpt_dir": "@ckpt_dir"}
+
+
+@pytest.mark.parametrize("device, on_cpu", [("cpu", True), ("cuda:0", False)])
+@pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
+def test_cpu_fine_tuning_keeps_freed_memory_and_trains_one_patch_per_pass(bundle, device, on_cpu):
+    """The CPU defaults that made a 4-patch step faster than one pass without the pool (README, Performance)."""
+    from monai.bundle import ConfigParser
+
+    with _scripts_of(bundle):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
+        parser["device"] = device
+        assert parser.get_parsed_content("memory_pool#enabled") is on_cpu
+        inferer = parser.get_parsed_content("train#inferer")
+        assert type(inferer).__name__ == "PatchwiseInferer" and inferer.patches_per_pass == (1 if on_cpu else 0)
+        assert type(parser.get_parsed_content("validate#inferer")).__name__ == "SlidingWindowInferer"
+        evaluation = ConfigParser()  # evaluate.json overrides train.json and inherits the setting
+        evaluation.read_config([str(BUNDLES / bundle / "configs" / f) for f in ("train.json", "evaluate.json")])
+        evaluation["device"] = device
+        assert evaluation.get_parsed_content("memory_pool#enabled") is on_cpu
