@@ -208,9 +208,11 @@ def test_bad_data_is_a_clear_error(breakage, message, tmp_path):
 
 
 def test_multi_gpu_config_runs_two_processes_on_cpu(btcv_data, tmp_path):
+    """Two patches a step, which a CPU runs one per pass: several forward passes of the DDP network per backward."""
     proc = run_bundle(
         [TRAIN, MULTI_GPU], "training", torchrun=2, dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=1, val_fraction=0.4, **TINY,
+        output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=1, val_fraction=0.4,
+        **dict(TINY, num_samples=2),
     )  # fmt: skip
     log = proc.stdout + proc.stderr
     assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
