@@ -14,7 +14,9 @@ from monai.metrics import HausdorffDistanceMetric
 from monai.networks.nets import SwinUNETR
 
 scripts = load_bundle_scripts("swin_unetr_btcv")
-from scripts import checkpoints, checks, datalist, finite_loss, metrics, mixed_precision, patchwise, pretrained  # noqa: E402
+from scripts import (  # noqa: E402
+    checkpoints, checks, datalist, fast_norm, finite_loss, metrics, mixed_precision, patchwise, pretrained,
+)  # fmt: skip
 
 
 @pytest.fixture()
@@ -396,6 +398,38 @@ def test_patchwise_inferer_runs_whole_batches_without_gradients_and_refuses_wron
     for wrong in (-1, 1.5, "1", True):
         with pytest.raises(ValueError, match="patches_per_pass must be a whole number"):
             patchwise.PatchwiseInferer(SimpleInferer(), patches_per_pass=wrong)
+
+
+def test_group_norm_kernel_gives_the_instance_norms_outputs():
+    """The swapped network keeps its parameters and gives the same float32 outputs; norms it cannot stand for stay."""
+    torch.manual_seed(0)
+    net = SwinUNETR(1, 14, feature_size=12).eval()
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(1, 1, 64, 64, 64) * 4 - 1  # not zero-mean, as CT intensities after windowing are not
+    with torch.no_grad():
+        before = net(x).double()
+        norms = sum(type(m) is torch.nn.InstanceNorm3d for m in net.modules())
+        assert fast_norm.use_group_norm_kernel(net) is net
+        after = net(x).double()
+    assert norms == 26 and sum(type(m) is fast_norm.ChannelwiseGroupNorm3d for m in net.modules()) == norms
+    assert not any(type(m) is torch.nn.InstanceNorm3d for m in net.modules())
+    assert net.state_dict().keys() == original.keys()
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in original.items())
+    assert (after - before).abs().max() < 1e-5 and (after.argmax(1) == before.argmax(1)).double().mean() > 0.9999
+
+    layers = (torch.nn.InstanceNorm3d(3, affine=True), torch.nn.InstanceNorm3d(3, track_running_stats=True))
+    affine = torch.nn.Sequential(*layers)
+    torch.nn.init.normal_(affine[0].weight)
+    torch.nn.init.normal_(affine[0].bias)
+    y = torch.rand(2, 3, 5, 6, 7) + 2
+    expected = affine(y)
+    fast_norm.use_group_norm_kernel(affine)
+    assert [type(m) for m in affine] == [fast_norm.ChannelwiseGroupNorm3d, torch.nn.InstanceNorm3d]
+    torch.testing.assert_close(affine(y), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(affine[0](y[0]), torch.nn.functional.instance_norm(  # unbatched input
+        y[0][None], weight=affine[0].weight, bias=affine[0].bias)[0], atol=1e-5, rtol=1e-5)
+    untouched = torch.nn.Sequential(torch.nn.InstanceNorm3d(3))
+    assert type(fast_norm.use_group_norm_kernel(untouched, enabled=False)[0]) is torch.nn.InstanceNorm3d
 
 
 @pytest.mark.parametrize("decollated", [False, True])

@@ -60,7 +60,7 @@ def test_inference_settings_are_exposed_and_used(bundle):
 def test_yes_no_settings_are_checked_first_in_run(bundle, name):
     """Each top-level true/false setting goes through `check_flags` before anything else runs (`--amp false` is text)."""
     config = json.loads((BUNDLES / bundle / "configs" / name).read_text())
-    computed = {"amp", "cpu_memory_pool"}  # yes/no settings whose inference defaults are expressions
+    computed = {"amp", "cpu_memory_pool", "cpu_fast_norm"}  # yes/no settings whose inference defaults are expressions
     flags = {key for key, value in config.items() if isinstance(value, bool) or key in computed}
     assert config["run"][0] == "$@flags_check"
     assert config["flags_check"]["_target_"] == "scripts.checks.check_flags"
@@ -86,7 +86,7 @@ COPIED_HELPERS = {
     "checks.py": BUNDLE_NAMES, "checkpoints.py": BUNDLE_NAMES, "memory.py": BUNDLE_NAMES, "datalist.py": SEGMENTATION_BUNDLES,
     "metrics.py": SEGMENTATION_BUNDLES, "image_writer.py": SEGMENTATION_BUNDLES, "pretrained.py": SEGMENTATION_BUNDLES,
     "curves.py": BUNDLE_NAMES, "overlays.py": SEGMENTATION_BUNDLES, "mixed_precision.py": BUNDLE_NAMES,
-    "finite_loss.py": BUNDLE_NAMES, "patchwise.py": SEGMENTATION_BUNDLES,
+    "finite_loss.py": BUNDLE_NAMES, "patchwise.py": SEGMENTATION_BUNDLES, "fast_norm.py": SEGMENTATION_BUNDLES,
 }  # fmt: skip
 
 
@@ -209,3 +209,26 @@ def test_cpu_fine_tuning_keeps_freed_memory_and_trains_one_patch_per_pass(bundle
         evaluation.read_config([str(BUNDLES / bundle / "configs" / f) for f in ("train.json", "evaluate.json")])
         evaluation["device"] = device
         assert evaluation.get_parsed_content("memory_pool#enabled") is on_cpu
+
+
+@pytest.mark.parametrize("device, on_cpu", [("cpu", True), ("cuda:0", False)])
+@pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
+def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bundle, device, on_cpu):
+    """Float32 CPU inference swaps the norms (README, Performance); training and CUDA keep MONAI's network as is."""
+    from monai.bundle import ConfigParser
+
+    configs = BUNDLES / bundle / "configs"
+    with _scripts_of(bundle):
+        for files in (["inference.json"], ["train.json", "evaluate.json"]):
+            parser = ConfigParser()
+            parser.read_config([str(configs / f) for f in files])
+            parser["device"], parser["feature_size"] = device, 12
+            assert parser.get_parsed_content("cpu_fast_norm") is on_cpu, files
+            assert parser.get_parsed_content("flags_check")["cpu_fast_norm"] is on_cpu, files
+            if on_cpu:
+                types = {type(m).__name__ for m in parser.get_parsed_content("network").modules()}
+                assert "ChannelwiseGroupNorm3d" in types and "InstanceNorm3d" not in types, files
+        training = ConfigParser()
+        training.read_config(str(configs / "train.json"))
+        training["device"], training["feature_size"] = "cpu", 12
+        assert "ChannelwiseGroupNorm3d" not in {type(m).__name__ for m in training.get_parsed_content("network").modules()}
