@@ -411,7 +411,7 @@ def test_group_norm_kernel_gives_the_instance_norms_outputs():
         norms = sum(type(m) is torch.nn.InstanceNorm3d for m in net.modules())
         assert fast_norm.use_group_norm_kernel(net) is net
         after = net(x).double()
-    assert norms == 26 and sum(type(m) is fast_norm.ChannelwiseGroupNorm3d for m in net.modules()) == norms
+    assert norms > 0 and sum(type(m) is fast_norm.ChannelwiseGroupNorm3d for m in net.modules()) == norms
     assert not any(type(m) is torch.nn.InstanceNorm3d for m in net.modules())
     assert net.state_dict().keys() == original.keys()
     assert all(torch.equal(net.state_dict()[k], v) for k, v in original.items())
