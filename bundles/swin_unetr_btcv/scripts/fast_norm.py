@@ -7,7 +7,8 @@ norms took a float32 96^3 window from ~4.1 to ~3.85 s. Left out after measuring:
 the convolutions faster, because PyTorch's group norm on channels-last maps was ~1e-3 off a float64 computation
 (contiguous: ~1e-6); and the swap in training (bfloat16 forward, gradient checkpointing), which gained nothing
 measurable, so only inference and evaluation use it. Parameter names and values are unchanged, so checkpoints load
-either way. This file is a bundle-local copy (identical in the fine-tuning bundles) so each bundle works when copied alone.
+either way. This file is a bundle-local copy (identical in the fine-tuning bundles) so each bundle works when copied
+alone.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class ChannelwiseGroupNorm3d(nn.InstanceNorm3d):
     """`nn.InstanceNorm3d` without running statistics, computed by the group-norm kernel with one channel a group."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5 or not x.is_contiguous():  # unbatched: group_norm would read channels as the batch
+        # unbatched input: group_norm would read the channels as the batch; channels-last: its result was ~1e-3 off
+        if x.dim() != 5 or not x.is_contiguous():
             return super().forward(x)
         return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
 
