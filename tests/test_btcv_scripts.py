@@ -16,6 +16,7 @@ from monai.networks.nets import SwinUNETR
 scripts = load_bundle_scripts("swin_unetr_btcv")
 from scripts import (  # noqa: E402
     checkpoints, checks, datalist, fast_norm, finite_loss, metrics, mixed_precision, patchwise, pretrained,
+    window_attention,
 )  # fmt: skip
 
 
@@ -430,6 +431,56 @@ def test_group_norm_kernel_gives_the_instance_norms_outputs():
         y[0][None], weight=affine[0].weight, bias=affine[0].bias)[0], atol=1e-5, rtol=1e-5)
     untouched = torch.nn.Sequential(torch.nn.InstanceNorm3d(3))
     assert type(fast_norm.use_group_norm_kernel(untouched, enabled=False)[0]) is torch.nn.InstanceNorm3d
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_chunked_window_attention_gives_the_same_outputs_and_gradients(batch):
+    """Groups of windows (shifted ones with their masks, and not) give MONAI's outputs and parameter gradients, while
+    no attention weights above the budget exist at any time; parameters and state-dict keys stay as they are."""
+    import copy
+
+    from monai.networks.nets.swin_unetr import WindowAttention
+
+    torch.manual_seed(0)
+    net = SwinUNETR(1, 14, feature_size=12, use_checkpoint=True)
+    chunked = copy.deepcopy(net)
+    blocks = sum(type(m) is WindowAttention for m in net.modules())
+    assert window_attention.chunk_window_attention(chunked, 12) is chunked  # a window of the third stage: 5.6 MB
+    assert blocks > 0 and sum(type(m) is window_attention.ChunkedWindowAttention for m in chunked.modules()) == blocks
+    assert chunked.state_dict().keys() == net.state_dict().keys()
+
+    largest = {}  # bytes of the largest attention-weight tensor, per network
+
+    def run(network):
+        def record(module, args, output):
+            largest[id(network)] = max(largest.get(id(network), 0), output.numel() * output.element_size())
+
+        hooks = [m.softmax.register_forward_hook(record) for m in network.modules() if isinstance(m, WindowAttention)]
+        x = torch.rand(batch, 1, 64, 64, 64, generator=torch.Generator().manual_seed(1))
+        out = network(x)
+        out.square().mean().backward()
+        for hook in hooks:
+            hook.remove()
+        return out.detach(), {k: p.grad for k, p in network.named_parameters()}
+
+    expected, expected_grads = run(net)
+    out, grads = run(chunked)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for key, grad in expected_grads.items():
+        torch.testing.assert_close(grads[key], grad, atol=1e-6, rtol=1e-4, msg=key)
+    assert largest[id(chunked)] <= 12 * 2**20 < largest[id(net)]
+
+
+def test_chunked_window_attention_setting_is_checked():
+    from monai.networks.nets.swin_unetr import WindowAttention
+
+    net = SwinUNETR(1, 14, feature_size=12)
+    assert window_attention.chunk_window_attention(net, 0) is net
+    assert not any(type(m) is window_attention.ChunkedWindowAttention for m in net.modules())
+    assert any(type(m) is WindowAttention for m in net.modules())
+    for wrong in (-1, True, "128", float("nan")):
+        with pytest.raises(ValueError, match=r"^attention_chunk_mb must be a number of megabytes >= 0"):
+            window_attention.chunk_window_attention(net, wrong)
 
 
 @pytest.mark.parametrize("decollated", [False, True])

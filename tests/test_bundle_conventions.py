@@ -87,6 +87,7 @@ COPIED_HELPERS = {
     "metrics.py": SEGMENTATION_BUNDLES, "image_writer.py": SEGMENTATION_BUNDLES, "pretrained.py": SEGMENTATION_BUNDLES,
     "curves.py": BUNDLE_NAMES, "overlays.py": SEGMENTATION_BUNDLES, "mixed_precision.py": BUNDLE_NAMES,
     "finite_loss.py": BUNDLE_NAMES, "patchwise.py": SEGMENTATION_BUNDLES, "fast_norm.py": SEGMENTATION_BUNDLES,
+    "window_attention.py": BUNDLE_NAMES,
 }  # fmt: skip
 
 
@@ -232,3 +233,26 @@ def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bund
         training.read_config(str(configs / "train.json"))
         training["device"], training["feature_size"] = "cpu", 12
         assert "ChannelwiseGroupNorm3d" not in {type(m).__name__ for m in training.get_parsed_content("network").modules()}
+
+
+@pytest.mark.parametrize("device, on_cpu", [("cpu", True), ("cuda:0", False)])
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_cpu_training_computes_window_attention_in_groups_of_windows(bundle, device, on_cpu):
+    """CPU training switches `network_def`'s window attention in `run` (README, Performance), before the trainer runs,
+    so that `multi_gpu_train.json` and MONAI Label, which use train.json's run, get it too; CUDA keeps MONAI's blocks."""
+    from monai.bundle import ConfigParser
+
+    with _scripts_of(bundle):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
+        parser["device"], parser["feature_size"] = device, 12
+        assert parser.get_parsed_content("attention_chunk_mb") == (128 if on_cpu else 0)
+        run = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())["run"]
+        assert run.index("$@memory_pool") < run.index("$@attention_chunks") < run.index("$@train#trainer.run()")
+        network = parser.get_parsed_content("network_def")
+        assert "WindowAttention" in {type(m).__name__ for m in network.modules()}
+        assert parser.get_parsed_content("attention_chunks") is network
+        types = {type(m).__name__ for m in network.modules()}
+        assert ("ChunkedWindowAttention" in types) is on_cpu and ("WindowAttention" in types) is not on_cpu
+        multi_gpu = json.loads((BUNDLES / bundle / "configs" / "multi_gpu_train.json").read_text())
+        assert multi_gpu["network"]["module"] == "$@network_def.to(@device)" and "run" not in multi_gpu

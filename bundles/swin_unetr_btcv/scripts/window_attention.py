@@ -1,0 +1,64 @@
+"""Window attention over groups of windows, so that training on a CPU keeps its memory pool small.
+
+While gradients are needed, MONAI's `WindowAttention` materialises the attention weights of all windows of a block at
+once (its SDPA path is for inference only, and PyTorch's fused CPU attention has no gradient for the additive bias
+that carries the learned relative-position table): on a 96^3 patch the first stage has 343 windows x 3 heads x 343^2
+float32 weights, ~460 MB per tensor and several per block. Under `cpu_memory_pool` glibc seldom finds such a block
+free in its heap and extends the heap instead: a fine-tuning step's heap grew to ~7 GB around at most ~3 GB of live
+tensors, a pre-training step's to ~8 GB. Running MONAI's own forward on groups of windows whose weights take at most
+`attention_chunk_mb` each gives the same outputs and gradients (each window is attended on its own) and kept those
+heaps at ~4.5 GB. This file is a bundle-local copy (identical in all three bundles) so each bundle works when copied
+alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from monai.networks.nets.swin_unetr import WindowAttention
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_BYTES = 4  # the softmax runs in float32, also under bfloat16 autocast
+
+
+class ChunkedWindowAttention(WindowAttention):
+    """MONAI's `WindowAttention`, run on groups of windows whose attention weights take at most `max_chunk_bytes`
+    (one window at a time where a single window's take more)."""
+
+    max_chunk_bytes: int = 0
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        rows, tokens, channels = x.shape
+        windows = rows if mask is None else mask.shape[0]  # rows are image-major: image * windows + window
+        images = rows // windows
+        per_window = images * self.num_heads * tokens * tokens * _WEIGHT_BYTES  # one window of every image
+        step = max(1, self.max_chunk_bytes // per_window)
+        if step >= windows:
+            return super().forward(x, mask)
+        by_window = x.view(images, windows, tokens, channels)
+        outputs = []
+        for start in range(0, windows, step):
+            group = by_window[:, start : start + step].reshape(-1, tokens, channels)
+            group_mask = None if mask is None else mask[start : start + step]
+            outputs.append(super().forward(group, group_mask).view(images, -1, tokens, channels))
+        return torch.cat(outputs, dim=1).view(rows, tokens, channels)
+
+
+def chunk_window_attention(network: nn.Module, max_chunk_mb: float) -> nn.Module:
+    """Returns `network`, whose window attention blocks are switched in place to compute at most `max_chunk_mb`
+    megabytes of attention weights at a time; 0 leaves MONAI's blocks as they are."""
+    if isinstance(max_chunk_mb, bool) or not isinstance(max_chunk_mb, (int, float)) or not max_chunk_mb >= 0:
+        raise ValueError(f"attention_chunk_mb must be a number of megabytes >= 0 (0: all windows at once), got "
+                         f"{max_chunk_mb!r}.")  # fmt: skip
+    if max_chunk_mb == 0:
+        return network
+    blocks = [m for m in network.modules() if type(m) in (WindowAttention, ChunkedWindowAttention)]
+    for block in blocks:
+        block.__class__ = ChunkedWindowAttention  # same parameters and state-dict keys; only `forward` differs
+        block.max_chunk_bytes = int(max_chunk_mb * 2**20)
+    logger.info(f"attention_chunk_mb: {len(blocks)} window attention blocks compute at most {max_chunk_mb} MB of "
+                "attention weights at a time")  # fmt: skip
+    return network
