@@ -478,7 +478,7 @@ def test_chunked_window_attention_setting_is_checked():
     assert window_attention.chunk_window_attention(net, 0) is net
     assert not any(type(m) is window_attention.ChunkedWindowAttention for m in net.modules())
     assert any(type(m) is WindowAttention for m in net.modules())
-    for wrong in (-1, True, "128", float("nan")):
+    for wrong in (-1, True, "128", float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"^attention_chunk_mb must be a number of megabytes >= 0"):
             window_attention.chunk_window_attention(net, wrong)
 

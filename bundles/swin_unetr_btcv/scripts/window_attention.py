@@ -14,6 +14,7 @@ alone.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from monai.networks.nets.swin_unetr import WindowAttention
@@ -50,7 +51,7 @@ class ChunkedWindowAttention(WindowAttention):
 def chunk_window_attention(network: nn.Module, max_chunk_mb: float) -> nn.Module:
     """Returns `network`, whose window attention blocks are switched in place to compute at most `max_chunk_mb`
     megabytes of attention weights at a time; 0 leaves MONAI's blocks as they are."""
-    if isinstance(max_chunk_mb, bool) or not isinstance(max_chunk_mb, (int, float)) or not max_chunk_mb >= 0:
+    if isinstance(max_chunk_mb, bool) or not isinstance(max_chunk_mb, (int, float)) or not 0 <= max_chunk_mb < math.inf:
         raise ValueError(f"attention_chunk_mb must be a number of megabytes >= 0 (0: all windows at once), got "
                          f"{max_chunk_mb!r}.")  # fmt: skip
     if max_chunk_mb == 0:
