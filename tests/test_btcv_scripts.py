@@ -433,6 +433,64 @@ def test_group_norm_kernel_gives_the_instance_norms_outputs():
     assert type(fast_norm.use_group_norm_kernel(untouched, enabled=False)[0]) is torch.nn.InstanceNorm3d
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_channels_last_maps_are_normalised_as_in_float64(affine):
+    """Channels-last maps (`cpu_channels_last`) get two-pass statistics per depth slice: channels far from zero mean
+    against their spread (as after a convolution with a large bias) and slices of different spread, batch of 2."""
+    torch.manual_seed(0)
+    norm = fast_norm.ChannelwiseGroupNorm3d(4, affine=affine)
+    if affine:
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 4, 48, 64, 64) * torch.tensor([1.0, 0.1, 3.0, 1.0]).view(1, 4, 1, 1, 1)
+    x = x + torch.tensor([200.0, -20.0, 0.0, 1.0]).view(1, 4, 1, 1, 1)
+    x[:, :, :5] *= 4
+    expected = torch.nn.functional.instance_norm(
+        x.double(), weight=norm.weight.double() if affine else None, bias=norm.bias.double() if affine else None
+    )
+    channels_last = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        out = norm(channels_last)
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last_3d) and not out.is_contiguous()
+    assert (out.double() - expected).abs().max() < 2e-5
+    with torch.no_grad():  # PyTorch's own channels-last kernel, which this path stands in for, is far off here
+        kernel = torch.nn.functional.group_norm(channels_last, 4, norm.weight, norm.bias)
+    assert (kernel.double() - expected).abs().max() > 2e-4  # measured: 9e-4 and 1.4e-3 (this path: 1e-6, 3.5e-6)
+    with_grad = channels_last.clone().requires_grad_()  # training: MONAI's instance norm, with gradients
+    out = norm(with_grad)
+    out.square().sum().backward()
+    assert (out.double() - expected).abs().max() < 2e-5 and with_grad.grad.abs().sum() > 0
+
+
+def test_attention_masks_are_built_once_per_shape_and_give_the_same_outputs(monkeypatch):
+    """`cpu_mask_cache`: the network's outputs stay exactly the same, each Swin stage's mask is built once, and a mask
+    first built in inference mode also serves training with gradients."""
+    from monai.networks.nets import swin_unetr
+
+    build, built = swin_unetr.compute_mask, []
+
+    def counting(dims, window_size, shift_size, device):
+        built.append(tuple(dims))
+        return build(dims, window_size, shift_size, device)
+
+    monkeypatch.setattr(swin_unetr, "compute_mask", counting)  # restored after the test, cache and all
+    torch.manual_seed(0)
+    net = SwinUNETR(1, 3, feature_size=12).eval()
+    x = torch.rand(1, 1, 64, 64, 64)
+    with torch.inference_mode():
+        expected = net(x)
+    stages = len(built)
+    assert stages == len(set(built)) == 4
+    assert window_attention.cache_attention_masks(False) is False and swin_unetr.compute_mask is counting
+    assert window_attention.cache_attention_masks(True) is True and window_attention.cache_attention_masks(True)
+    with torch.inference_mode():
+        assert torch.equal(net(x), expected) and torch.equal(net(x), expected)
+    assert len(built) == 2 * stages and swin_unetr.compute_mask.cache_info().hits == stages
+    net.train()
+    net(x).sum().backward()  # would raise if an inference-mode mask were saved for backward
+    assert len(built) == 2 * stages and all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_chunked_window_attention_gives_the_same_outputs_and_gradients(batch):
     """Groups of windows (shifted ones with their masks, and not) give MONAI's outputs and parameter gradients, while

@@ -60,7 +60,7 @@ def test_inference_settings_are_exposed_and_used(bundle):
 def test_yes_no_settings_are_checked_first_in_run(bundle, name):
     """Each top-level true/false setting goes through `check_flags` before anything else runs (`--amp false` is text)."""
     config = json.loads((BUNDLES / bundle / "configs" / name).read_text())
-    computed = {"amp", "cpu_memory_pool", "cpu_fast_norm"}  # yes/no settings whose inference defaults are expressions
+    computed = {"amp", "cpu_memory_pool", "cpu_fast_norm", "cpu_channels_last", "cpu_mask_cache"}  # yes/no settings whose inference defaults are expressions
     flags = {key for key, value in config.items() if isinstance(value, bool) or key in computed}
     assert config["run"][0] == "$@flags_check"
     assert config["flags_check"]["_target_"] == "scripts.checks.check_flags"
@@ -215,7 +215,8 @@ def test_cpu_fine_tuning_keeps_freed_memory_and_trains_one_patch_per_pass(bundle
 @pytest.mark.parametrize("device, on_cpu", [("cpu", True), ("cuda:0", False)])
 @pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
 def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bundle, device, on_cpu):
-    """Float32 CPU inference swaps the norms (README, Performance); training and CUDA keep MONAI's network as is."""
+    """Float32 CPU inference swaps the norms, keeps convolution weights channels-last and reuses attention masks
+    (README, Performance); training and CUDA keep MONAI's network as is."""
     from monai.bundle import ConfigParser
 
     configs = BUNDLES / bundle / "configs"
@@ -226,9 +227,18 @@ def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bund
             parser["device"], parser["feature_size"] = device, 12
             assert parser.get_parsed_content("cpu_fast_norm") is on_cpu, files
             assert parser.get_parsed_content("flags_check")["cpu_fast_norm"] is on_cpu, files
-            if on_cpu:
-                types = {type(m).__name__ for m in parser.get_parsed_content("network").modules()}
+            assert parser.get_parsed_content("cpu_channels_last") is on_cpu, files
+            assert parser.get_parsed_content("mask_cache#enabled") is on_cpu, files
+            run = json.loads((configs / files[-1]).read_text())["run"]  # raw: the parser rewrites '#' in expressions
+            assert run[run.index("$@memory_pool") + 1] == "$@mask_cache", files
+            if on_cpu:  # the network itself is built on the CPU only, where CI runs
+                import torch
+
+                network = parser.get_parsed_content("network")
+                types = {type(m).__name__ for m in network.modules()}
                 assert "ChannelwiseGroupNorm3d" in types and "InstanceNorm3d" not in types, files
+                weights = [m.weight for m in network.modules() if isinstance(m, torch.nn.Conv3d)]
+                assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights), files
         training = ConfigParser()
         training.read_config(str(configs / "train.json"))
         training["device"], training["feature_size"] = "cpu", 12
@@ -239,7 +249,8 @@ def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bund
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
 def test_cpu_training_computes_window_attention_in_groups_of_windows(bundle, device, on_cpu):
     """CPU training switches `network_def`'s window attention in `run` (README, Performance), before the trainer runs,
-    so that `multi_gpu_train.json` and MONAI Label, which use train.json's run, get it too; CUDA keeps MONAI's blocks."""
+    so that `multi_gpu_train.json` and MONAI Label, which use train.json's run, get it too, and reuses attention masks
+    (evaluation too); CUDA keeps MONAI's blocks."""
     from monai.bundle import ConfigParser
 
     with _scripts_of(bundle):
@@ -249,6 +260,10 @@ def test_cpu_training_computes_window_attention_in_groups_of_windows(bundle, dev
         assert parser.get_parsed_content("attention_chunk_mb") == (128 if on_cpu else 0)
         run = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())["run"]
         assert run.index("$@memory_pool") < run.index("$@attention_chunks") < run.index("$@train#trainer.run()")
+        assert run.index("$@memory_pool") < run.index("$@mask_cache") < run.index("$@train#trainer.run()")
+        assert parser.get_parsed_content("mask_cache#enabled") is on_cpu  # reused shifted-window masks
+        evaluation = json.loads((BUNDLES / bundle / "configs" / "evaluate.json").read_text())["run"]
+        assert evaluation[evaluation.index("$@memory_pool") + 1] == "$@mask_cache"
         network = parser.get_parsed_content("network_def")
         assert "WindowAttention" in {type(m).__name__ for m in network.modules()}
         assert parser.get_parsed_content("attention_chunks") is network
