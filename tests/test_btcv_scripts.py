@@ -456,6 +456,12 @@ def test_channels_last_maps_are_normalised_as_in_float64(affine):
     with torch.no_grad():  # PyTorch's own channels-last kernel, which this path stands in for, is far off here
         kernel = torch.nn.functional.group_norm(channels_last, 4, norm.weight, norm.bias)
     assert (kernel.double() - expected).abs().max() > 2e-4  # measured: 9e-4 and 1.4e-3 (this path: 1e-6, 3.5e-6)
+    with torch.no_grad():  # opt-in bfloat16 inference: float32 statistics, as PyTorch's kernel keeps them
+        half, half_kernel = norm(channels_last.bfloat16()), torch.nn.functional.group_norm(
+            x.bfloat16(), 4, None if norm.weight is None else norm.weight.bfloat16(),
+            None if norm.bias is None else norm.bias.bfloat16())
+    assert half.dtype == torch.bfloat16 and half.is_contiguous(memory_format=torch.channels_last_3d)
+    assert (half.double() - expected).abs().max() <= 1.05 * (half_kernel.double() - expected).abs().max()
     with_grad = channels_last.clone().requires_grad_()  # training: MONAI's instance norm, with gradients
     out = norm(with_grad)
     out.square().sum().backward()

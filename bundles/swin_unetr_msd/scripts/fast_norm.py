@@ -44,14 +44,15 @@ class ChannelwiseGroupNorm3d(nn.InstanceNorm3d):
 def channels_last_instance_norm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
-    """Instance norm of a channels-last (N, C, D, H, W) map, returned channels-last; statistics per depth slice."""
+    """Instance norm of a channels-last (N, C, D, H, W) map, returned channels-last in its dtype; statistics per depth
+    slice, in float32 also for bfloat16 maps (opt-in bfloat16 inference), as PyTorch's own norm kernels keep them."""
     images, channels, depth = x.shape[:3]
     per_slice = x.shape[3] * x.shape[4]
     voxels = x.permute(0, 2, 3, 4, 1)  # channels-last memory read as (N, D, H, W, C): contiguous
     slices = voxels.reshape(images, depth, per_slice, channels)
-    slice_means = slices.sum(2) / per_slice
-    slice_squares = x.new_empty(images, depth, channels)  # sums of squared deviations from each slice's own mean
-    centred = x.new_empty(per_slice, channels)
+    slice_means = slices.sum(2, dtype=torch.float32) / per_slice
+    slice_squares = slice_means.new_empty(images, depth, channels)  # squared deviations from each slice's own mean
+    centred = slice_means.new_empty(per_slice, channels)
     for image in range(images):
         for d in range(depth):
             torch.sub(slices[image, d], slice_means[image, d], out=centred)
@@ -62,7 +63,7 @@ def channels_last_instance_norm(
     scale = scale if weight is None else scale * weight
     shift = -means * scale if bias is None else bias - means * scale
     out = torch.addcmul(shift[:, None, None, None], voxels, scale[:, None, None, None])
-    return out.permute(0, 4, 1, 2, 3)
+    return out.to(x.dtype).permute(0, 4, 1, 2, 3)
 
 
 def use_group_norm_kernel(network: nn.Module, enabled: bool = True) -> nn.Module:
