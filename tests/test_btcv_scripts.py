@@ -15,8 +15,8 @@ from monai.networks.nets import SwinUNETR
 
 scripts = load_bundle_scripts("swin_unetr_btcv")
 from scripts import (  # noqa: E402
-    checkpoints, checks, datalist, fast_norm, finite_loss, metrics, mixed_precision, patchwise, pretrained,
-    window_attention,
+    checkpoints, checks, datalist, fast_norm, finite_loss, fused_upsampling, metrics, mixed_precision, patchwise,
+    pretrained, window_attention,
 )  # fmt: skip
 
 
@@ -466,6 +466,63 @@ def test_channels_last_maps_are_normalised_as_in_float64(affine):
     out = norm(with_grad)
     out.square().sum().backward()
     assert (out.double() - expected).abs().max() < 2e-5 and with_grad.grad.abs().sum() > 0
+
+
+def _up_block(in_channels: int, out_channels: int, res_block: bool = True) -> torch.nn.Module:
+    """A MONAI `UnetrUpBlock` as SwinUNETR builds them, in float64 with weights far from their initial scale."""
+    from monai.networks.blocks import UnetrUpBlock
+
+    block = UnetrUpBlock(3, in_channels, out_channels, 3, 2, "instance", res_block=res_block).double().eval()
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter)
+    return block
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_upsampling_gives_the_up_blocks_outputs(channels_last):
+    """`cpu_fused_upsampling`: the folded transposed convolution gives MONAI's `UnetrUpBlock` outputs (float64, odd and
+    uneven sizes, batch of 2, more and fewer input than output channels); with gradients MONAI's forward runs."""
+    import copy
+
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    for in_channels, out_channels, size in ((6, 6, (5, 3, 4)), (4, 6, (3, 4, 2)), (10, 6, (2, 2, 3))):
+        block = _up_block(in_channels, out_channels)
+        fused = fused_upsampling.fuse_upsampling(copy.deepcopy(block))
+        assert type(fused) is fused_upsampling.FusedUnetrUpBlock
+        assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), block.state_dict().values()))
+        x = torch.randn(2, in_channels, *size, dtype=torch.float64).contiguous(memory_format=layout)
+        skip = torch.randn(2, out_channels, *(2 * s for s in size), dtype=torch.float64).contiguous(memory_format=layout)
+        with torch.no_grad():
+            expected, out = block(x, skip), fused(x, skip)
+        assert out.shape == expected.shape == skip.shape
+        torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+        with torch.no_grad():  # the swapped forward really ran: the folded path rounds differently in float32
+            assert not torch.equal(fused.float()(x.float(), skip.float()), block.float()(x.float(), skip.float()))
+        with_grad = fused(x.float(), skip.float())
+        assert torch.equal(with_grad, block(x.float(), skip.float())) and with_grad.grad_fn is not None
+
+
+def test_fused_upsampling_folds_only_blocks_where_it_pays():
+    """In SwinUNETR only `decoder1` (as many input as output channels); its other decoder blocks, blocks with a bias,
+    dropout or without the residual convolution, and `enabled=False` leave MONAI's blocks as they are."""
+    import copy
+
+    torch.manual_seed(0)
+    net = SwinUNETR(1, 14, feature_size=12).eval()
+    reference = copy.deepcopy(net)
+    assert fused_upsampling.fuse_upsampling(net) is net and list(net.state_dict()) == list(reference.state_dict())
+    fused = [name for name, m in net.named_modules() if type(m) is fused_upsampling.FusedUnetrUpBlock]
+    assert fused == ["decoder1"]
+    assert type(fused_upsampling.fuse_upsampling(_up_block(6, 6), enabled=False)).__name__ == "UnetrUpBlock"
+    biased, dropout = _up_block(6, 6), _up_block(6, 6)
+    biased.transp_conv.conv = torch.nn.ConvTranspose3d(6, 6, 2, stride=2)
+    dropout.conv_block.conv1.add_module("dropout", torch.nn.Dropout3d())
+    for block in (_up_block(12, 6), _up_block(6, 6, res_block=False), biased, dropout):
+        assert type(fused_upsampling.fuse_upsampling(block)).__name__ == "UnetrUpBlock"
+    x = torch.rand(1, 1, 64, 64, 64) * 4 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference(x), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_masks_are_built_once_per_shape_and_give_the_same_outputs(monkeypatch):
