@@ -242,6 +242,12 @@ def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bund
                 assert type(network.decoder1).__name__ == "FusedUnetrUpBlock", files
                 weights = [m.weight for m in network.modules() if isinstance(m, torch.nn.Conv3d)]
                 assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights), files
+        inference = ConfigParser()  # device-dependent defaults follow the chosen device, not what the machine has
+        inference.read_config(str(configs / "inference.json"))
+        inference["device"] = device
+        assert inference.get_parsed_content("amp") is not on_cpu  # no bfloat16 on a CPU unless asked for
+        assert inference.get_parsed_content("cpu_memory_pool") is on_cpu
+        assert inference.get_parsed_content("sw_batch_size") == (1 if on_cpu else 4)
         training = ConfigParser()
         training.read_config(str(configs / "train.json"))
         training["device"], training["feature_size"] = "cpu", 12
