@@ -178,11 +178,42 @@ def test_evaluation_moves_predictions_to_the_labels_device(bundle):
     """evaluate.json compares predictions inverted to each image's original space with the original labels, which
     stay on the CPU; on a GPU the inverted prediction was a CUDA tensor and Dice failed on mixed devices (H100)."""
     postprocessing = json.loads((BUNDLES / bundle / "configs" / "evaluate.json").read_text())["validate#postprocessing"]
-    names = [t["_target_"] for t in postprocessing["transforms"]]
+    names = [t["_target_"] if isinstance(t, dict) else t for t in postprocessing["transforms"]]  # or a reference
     invert = postprocessing["transforms"][names.index("Invertd")]
     assert invert["device"] == "cpu"
     # the labels compared against are the original ones, copied in after the inversion, never moved to the GPU
     assert names.index("CopyItemsd") > names.index("Invertd") and "ToDeviced" not in names
+
+
+@pytest.mark.parametrize(
+    "config, key",
+    [("inference.json", "postprocessing"), ("evaluate.json", "validate#postprocessing"), ("train.json", "validate#postprocessing")],
+)
+@pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
+def test_label_maps_are_monai_argmax_of_the_probabilities(bundle, config, key):
+    """Inference, evaluation and validation take labels as the indices of torch.max, which is faster than MONAI's
+    argmax on a CPU: the same labels (ties and NaN included) and the same image geometry."""
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.data import MetaTensor
+    from monai.transforms import AsDiscrete, AsDiscreted, Lambdad
+
+    parser = ConfigParser()
+    names = ["train.json", config] if config == "evaluate.json" else [config]
+    parser.read_config([str(BUNDLES / bundle / "configs" / name) for name in names])
+    with _scripts_of(bundle):
+        transforms = parser.get_parsed_content(key).transforms
+        labelling = next(t for t in transforms if isinstance(t, Lambdad))
+        assert labelling is parser.get_parsed_content("argmax_labels")  # defined once, referenced
+    assert not any(any(t.argmax) for t in transforms if isinstance(t, AsDiscreted))
+    torch.manual_seed(0)
+    probabilities = torch.rand(4, 9, 8, 7).round(decimals=1)  # many ties
+    probabilities[2, 0, 0, 0] = float("nan")
+    affine = torch.diag(torch.tensor([1.5, 1.5, 2.0, 1.0], dtype=torch.float64))
+    labels = labelling({"pred": MetaTensor(probabilities, affine=affine)})["pred"]
+    expected = AsDiscrete(argmax=True)(MetaTensor(probabilities, affine=affine))
+    assert labels.shape == (1, 9, 8, 7) and torch.equal(labels.float(), expected.as_tensor())
+    assert torch.equal(labels.affine, affine)
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
