@@ -212,7 +212,9 @@ def test_label_maps_are_monai_argmax_of_the_probabilities(bundle, config, key):
     affine = torch.diag(torch.tensor([1.5, 1.5, 2.0, 1.0], dtype=torch.float64))
     labels = labelling({"pred": MetaTensor(probabilities, affine=affine)})["pred"]
     expected = AsDiscrete(argmax=True)(MetaTensor(probabilities, affine=affine))
-    assert labels.shape == (1, 9, 8, 7) and torch.equal(labels.float(), expected.as_tensor())
+    # float32 like MONAI's: SaveImaged converts it, while MONAI Label's ITK writer has no int64 images
+    assert labels.shape == (1, 9, 8, 7) and labels.dtype == expected.dtype == torch.float32
+    assert torch.equal(labels.as_tensor(), expected.as_tensor())
     assert torch.equal(labels.affine, affine)
 
 
