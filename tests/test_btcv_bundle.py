@@ -71,7 +71,7 @@ def test_plain_run_also_trains(btcv_data, tmp_path):
     assert len(loss_values(log)) == 4 and all(math.isfinite(v) for v in loss_values(log))
     if not torch.cuda.is_available():
         assert "cpu_memory_pool: freed memory stays in the process" in log
-        assert "patches_per_pass: training runs the network on 1 patch at a time" in log
+        assert "patches_per_pass: training runs the network on 1 patch at a time, one optimizer step per batch" in log
 
 
 def test_resume_continues_from_latest_checkpoint(trained, btcv_data, tmp_path):
@@ -208,7 +208,7 @@ def test_bad_data_is_a_clear_error(breakage, message, tmp_path):
 
 
 def test_multi_gpu_config_runs_two_processes_on_cpu(btcv_data, tmp_path):
-    """Two patches a step, which a CPU runs one per pass: several forward passes of the DDP network per backward."""
+    """Two patches a step, which a CPU runs one per forward/backward pass, DDP synchronising gradients once."""
     proc = run_bundle(
         [TRAIN, MULTI_GPU], "training", torchrun=2, dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"),
         output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=1, val_fraction=0.4,

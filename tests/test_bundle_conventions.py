@@ -145,9 +145,6 @@ def _check_amp_wiring(bundle, device, amp, mixed_precision, ConfigParser):
     parser["device"], parser["amp"] = f"$torch.device('{device}')", amp
     assert parser.get_parsed_content("cuda_amp") is (amp and device.startswith("cuda"))
     inferer = parser.get_parsed_content("train#inferer")
-    if bundle in SEGMENTATION_BUNDLES:  # fine-tuning runs groups of patches, each under autocast
-        assert type(inferer).__name__ == "PatchwiseInferer"
-        inferer = inferer.inferer
     assert isinstance(inferer, mixed_precision.AutocastInferer)
     expected = amp and device == "cpu" and mixed_precision.cpu_has_native_bfloat16()
     assert inferer.enabled is expected
@@ -236,8 +233,9 @@ def test_cpu_fine_tuning_keeps_freed_memory_and_trains_one_patch_per_pass(bundle
         parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
         parser["device"] = device
         assert parser.get_parsed_content("memory_pool#enabled") is on_cpu
-        inferer = parser.get_parsed_content("train#inferer")
-        assert type(inferer).__name__ == "PatchwiseInferer" and inferer.patches_per_pass == (1 if on_cpu else 0)
+        assert parser["train#trainer#iteration_update"].replace("::", "#") == "@train#iteration"
+        iteration = parser.get_parsed_content("train#iteration")
+        assert type(iteration).__name__ == "PatchwiseIteration" and iteration.patches_per_pass == (1 if on_cpu else 0)
         assert type(parser.get_parsed_content("validate#inferer")).__name__ == "SlidingWindowInferer"
         evaluation = ConfigParser()  # evaluate.json overrides train.json and inherits the setting
         evaluation.read_config([str(BUNDLES / bundle / "configs" / f) for f in ("train.json", "evaluate.json")])
