@@ -1,5 +1,6 @@
 """Unit tests of the BTCV bundle's own components (bundles/swin_unetr_btcv/scripts)."""
 
+import collections
 import contextlib
 import json
 import os
@@ -553,10 +554,24 @@ def _up_block(in_channels: int, out_channels: int, res_block: bool = True) -> to
     return block
 
 
+def _autograd_nodes(tensor: torch.Tensor) -> collections.Counter:
+    """How many autograd functions of each kind computed `tensor`."""
+    counts, pending, seen = collections.Counter(), [tensor.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        counts[type(node).__name__] += 1
+        pending.extend(parent for parent, _ in node.next_functions)
+    return counts
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_upsampling_gives_the_up_blocks_outputs(channels_last):
-    """`cpu_fused_upsampling`: the folded transposed convolution gives MONAI's `UnetrUpBlock` outputs (float64, odd and
-    uneven sizes, batch of 2, more and fewer input than output channels); with gradients MONAI's forward runs."""
+    """`cpu_fused_upsampling`: the folded transposed convolution gives MONAI's `UnetrUpBlock` outputs, and in training
+    its gradients for the inputs and every weight (float64, odd and uneven sizes, batch of 2, more and fewer input than
+    output channels)."""
     import copy
 
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -572,10 +587,24 @@ def test_fused_upsampling_gives_the_up_blocks_outputs(channels_last):
             expected, out = block(x, skip), fused(x, skip)
         assert out.shape == expected.shape == skip.shape
         torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
-        with torch.no_grad():  # the swapped forward really ran: the folded path rounds differently in float32
-            assert not torch.equal(fused.float()(x.float(), skip.float()), block.float()(x.float(), skip.float()))
-        with_grad = fused(x.float(), skip.float())
-        assert torch.equal(with_grad, block(x.float(), skip.float())) and with_grad.grad_fn is not None
+        gradients = []
+        for module in (block, fused):
+            module.zero_grad()
+            inputs = [x.clone().requires_grad_(), skip.clone().requires_grad_()]
+            out = module(*inputs)
+            (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+            gradients.append([t.grad for t in inputs] + [p.grad for p in module.parameters()])
+            assert all(g is not None and g.abs().sum() > 0 for g in gradients[-1])
+        torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+        for expected_grad, grad in zip(*gradients):
+            torch.testing.assert_close(grad, expected_grad, atol=1e-9, rtol=1e-9)
+        fused, block = fused.float(), block.float()  # the folded path really ran: it rounds differently in float32
+        with_grad, monai_with_grad = fused(x.float(), skip.float()), block(x.float(), skip.float())
+        assert not torch.equal(with_grad, monai_with_grad)
+        # no in-place writes into views beyond MONAI's own: each one's backward copies the full-resolution gradient
+        assert _autograd_nodes(with_grad)["CopySlices"] == _autograd_nodes(monai_with_grad)["CopySlices"] > 0
+        with torch.no_grad():
+            assert not torch.equal(fused(x.float(), skip.float()), block(x.float(), skip.float()))
 
 
 def test_fused_upsampling_folds_only_blocks_where_it_pays():
