@@ -18,8 +18,8 @@ from monai.networks.nets import SwinUNETR
 
 scripts = load_bundle_scripts("swin_unetr_btcv")
 from scripts import (  # noqa: E402
-    checkpoints, checks, datalist, fast_norm, finite_loss, fused_upsampling, metrics, mixed_precision, patchwise,
-    pretrained, window_attention,
+    checkpoints, checks, datalist, fast_norm, finite_loss, fused_input_block, fused_upsampling, metrics,
+    mixed_precision, patchwise, pretrained, window_attention,
 )  # fmt: skip
 
 
@@ -627,6 +627,69 @@ def test_fused_upsampling_folds_only_blocks_where_it_pays():
     x = torch.rand(1, 1, 64, 64, 64) * 4 - 1
     with torch.no_grad():
         torch.testing.assert_close(net(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def _input_block(out_channels: int, affine: bool = False) -> torch.nn.Module:
+    """SwinUNETR's `encoder1` for a single-channel image, weights far from their initial scale."""
+    from monai.networks.blocks import UnetrBasicBlock
+
+    norm = ("instance", {"affine": affine})
+    block = UnetrBasicBlock(3, 1, out_channels, 3, 1, norm, res_block=True).eval()
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter)
+    return block
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+def test_fused_input_block_gives_the_basic_blocks_outputs(channels_last, affine):
+    """`cpu_fused_input_block`: the closed-form residual norm gives MONAI's `UnetrBasicBlock` outputs (float32 against
+    float64, images far from zero mean, batch of 2, one residual weight zero) in the layout MONAI's block returns;
+    training and bfloat16 autocast run MONAI's forward."""
+    import copy
+
+    torch.manual_seed(0)
+    block = _input_block(6, affine)
+    with torch.no_grad():
+        block.layer.conv3.conv.weight[2] = 0  # a channel the residual branch leaves at zero
+    if channels_last:
+        fast_norm.use_group_norm_kernel(block)
+        block = block.to(memory_format=torch.channels_last_3d)
+    fused = fused_input_block.fuse_input_block(copy.deepcopy(block))
+    assert type(fused) is fused_input_block.FusedInputBlock
+    assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), block.state_dict().values()))
+    x = torch.randn(2, 1, 24, 20, 16) * torch.tensor([1.0, 0.05]).view(2, 1, 1, 1, 1) + torch.tensor([3.0, -40.0]).view(2, 1, 1, 1, 1)
+    expected = copy.deepcopy(block).double()(x.double())
+    with torch.no_grad():
+        out, monai_out = fused(x), block(x)
+    assert out.shape == expected.shape == (2, 6, 24, 20, 16) and out.dtype == torch.float32
+    assert (out.double() - expected).abs().max() < 1e-4
+    assert not torch.equal(out, monai_out)  # the closed form ran: it rounds differently
+    assert out.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
+    assert _autograd_nodes(fused(x))["ConvolutionBackward0"] == 3  # with gradients: MONAI's three convolutions
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fused(x), block(x))
+
+
+def test_fused_input_block_folds_only_single_channel_input_blocks():
+    """In SwinUNETR on one channel only `encoder1`; on several channels, with dropout or `enabled=False`, none."""
+    import copy
+
+    torch.manual_seed(0)
+    net = SwinUNETR(1, 14, feature_size=12).eval()
+    reference = copy.deepcopy(net)
+    assert fused_input_block.fuse_input_block(net) is net and list(net.state_dict()) == list(reference.state_dict())
+    assert [name for name, m in net.named_modules() if type(m) is fused_input_block.FusedInputBlock] == ["encoder1"]
+    x = torch.rand(1, 1, 64, 64, 64) * 4 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference(x), atol=1e-5, rtol=1e-5)
+    two_channels = SwinUNETR(2, 3, feature_size=12)
+    fused_input_block.fuse_input_block(two_channels)
+    assert not any(type(m) is fused_input_block.FusedInputBlock for m in two_channels.modules())
+    dropout = _input_block(6)
+    dropout.layer.conv1.add_module("dropout", torch.nn.Dropout3d())
+    assert type(fused_input_block.fuse_input_block(dropout)).__name__ == "UnetrBasicBlock"
+    assert type(fused_input_block.fuse_input_block(_input_block(6), enabled=False)).__name__ == "UnetrBasicBlock"
 
 
 def test_attention_masks_are_built_once_per_shape_and_give_the_same_outputs(monkeypatch):

@@ -60,7 +60,8 @@ def test_inference_settings_are_exposed_and_used(bundle):
 def test_yes_no_settings_are_checked_first_in_run(bundle, name):
     """Each top-level true/false setting goes through `check_flags` before anything else runs (`--amp false` is text)."""
     config = json.loads((BUNDLES / bundle / "configs" / name).read_text())
-    computed = {"amp", "cpu_memory_pool", "cpu_fast_norm", "cpu_channels_last", "cpu_fused_upsampling", "cpu_mask_cache"}  # yes/no settings whose inference defaults are expressions
+    computed = {"amp", "cpu_memory_pool", "cpu_fast_norm", "cpu_channels_last", "cpu_fused_upsampling", "cpu_fused_input_block",
+                "cpu_mask_cache"}  # yes/no settings whose inference defaults are expressions
     flags = {key for key, value in config.items() if isinstance(value, bool) or key in computed}
     assert config["run"][0] == "$@flags_check"
     assert config["flags_check"]["_target_"] == "scripts.checks.check_flags"
@@ -88,6 +89,7 @@ COPIED_HELPERS = {
     "curves.py": BUNDLE_NAMES, "overlays.py": SEGMENTATION_BUNDLES, "mixed_precision.py": BUNDLE_NAMES,
     "finite_loss.py": BUNDLE_NAMES, "patchwise.py": SEGMENTATION_BUNDLES, "fast_norm.py": SEGMENTATION_BUNDLES,
     "window_attention.py": BUNDLE_NAMES, "fused_upsampling.py": SEGMENTATION_BUNDLES,
+    "fused_input_block.py": SEGMENTATION_BUNDLES,
 }  # fmt: skip
 
 
@@ -256,7 +258,8 @@ def test_cpu_fine_tuning_keeps_freed_memory_and_trains_one_patch_per_pass(bundle
 @pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
 def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bundle, device, on_cpu):
     """Float32 CPU inference swaps the norms, keeps convolution weights channels-last, folds the last upsampling into
-    the convolutions after it and reuses attention masks (README, Performance); CUDA keeps MONAI's network as is."""
+    the convolutions after it, normalises a single-channel image's residual branch in closed form and reuses attention
+    masks (README, Performance); CUDA keeps MONAI's network as is."""
     from monai.bundle import ConfigParser
 
     configs = BUNDLES / bundle / "configs"
@@ -269,6 +272,7 @@ def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bund
             assert parser.get_parsed_content("flags_check")["cpu_fast_norm"] is on_cpu, files
             assert parser.get_parsed_content("cpu_channels_last") is on_cpu, files
             assert parser.get_parsed_content("flags_check")["cpu_fused_upsampling"] is on_cpu, files
+            assert parser.get_parsed_content("flags_check")["cpu_fused_input_block"] is on_cpu, files
             assert parser.get_parsed_content("mask_cache#enabled") is on_cpu, files
             run = json.loads((configs / files[-1]).read_text())["run"]  # raw: the parser rewrites '#' in expressions
             assert run[run.index("$@memory_pool") + 1] == "$@mask_cache", files
@@ -279,6 +283,8 @@ def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bund
                 types = {type(m).__name__ for m in network.modules()}
                 assert "ChannelwiseGroupNorm3d" in types and "InstanceNorm3d" not in types, files
                 assert type(network.decoder1).__name__ == "FusedUnetrUpBlock", files
+                single_channel = parser.get_parsed_content("network_def#in_channels") == 1
+                assert (type(network.encoder1).__name__ == "FusedInputBlock") is single_channel, files
                 weights = [m.weight for m in network.modules() if isinstance(m, torch.nn.Conv3d)]
                 assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights), files
         inference = ConfigParser()  # device-dependent defaults follow the chosen device, not what the machine has

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ class FusedUnetrUpBlock(UnetrUpBlock):
         return block.lrelu(out)
 
 
-def _only_conv(layer: nn.Module, kind: type, kernel: int, stride: int, padding: int) -> bool:
+def is_plain_conv(layer: nn.Module, kind: type, kernel: int, stride: int, padding: int) -> bool:
     """Whether MONAI's `Convolution` `layer` is a bias-free `kind` convolution and nothing else."""
     conv = getattr(layer, "conv", None)
     return (
@@ -90,22 +91,28 @@ def is_foldable(module: nn.Module) -> bool:
         return False
     block = module.conv_block
     if not (
-        _only_conv(module.transp_conv, nn.ConvTranspose3d, 2, 2, 0)
-        and _only_conv(block.conv1, nn.Conv3d, 3, 1, 1)
+        is_plain_conv(module.transp_conv, nn.ConvTranspose3d, 2, 2, 0)
+        and is_plain_conv(block.conv1, nn.Conv3d, 3, 1, 1)
         and hasattr(block, "conv3")
-        and _only_conv(block.conv3, nn.Conv3d, 1, 1, 0)
+        and is_plain_conv(block.conv3, nn.Conv3d, 1, 1, 0)
     ):
         return False
     upsample = module.transp_conv.conv
     return 16 * upsample.in_channels <= 27 * upsample.out_channels
 
 
+def swap_blocks(network: nn.Module, foldable: Callable[[nn.Module], bool], fused_class: type) -> list[str]:
+    """Turns the `foldable` submodules of `network` into `fused_class` in place; returns their names. The fused classes
+    only override `forward`, so parameters and checkpoints are the same either way."""
+    fused = [name for name, module in network.named_modules() if foldable(module)]
+    for name in fused:
+        network.get_submodule(name).__class__ = fused_class
+    return fused
+
+
 def fuse_upsampling(network: nn.Module, enabled: bool = True) -> nn.Module:
     """Returns `network`, whose foldable `UnetrUpBlock`s become `FusedUnetrUpBlock`s in place when `enabled`."""
-    if not enabled:
-        return network
-    fused = [name for name, module in network.named_modules() if is_foldable(module)]
-    for name in fused:
-        network.get_submodule(name).__class__ = FusedUnetrUpBlock  # same parameters: checkpoints load either way
-    logger.info(f"cpu_fused_upsampling: transposed convolution folded into the next convolutions in {fused or 'no block'}.")
+    if enabled:
+        fused = swap_blocks(network, is_foldable, FusedUnetrUpBlock)
+        logger.info(f"cpu_fused_upsampling: transposed convolution folded into the next convolutions in {fused or 'no block'}.")
     return network
