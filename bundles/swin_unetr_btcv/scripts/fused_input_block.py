@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import UnetrBasicBlock, UnetResBlock
 from torch import nn
 
@@ -37,11 +36,11 @@ class FusedInputBlock(UnetrBasicBlock):
     module's docstring); MONAI's outputs within float32 rounding."""
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        cpu_float32 = inp.device.type == "cpu" and inp.dtype == torch.float32
-        if torch.is_grad_enabled() or torch.is_autocast_enabled(inp.device.type) or not cpu_float32:
+        onednn = inp.device.type == "cpu" and inp.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(inp.device.type) or not onednn:
             return super().forward(inp)
         block = self.layer
-        conv = block.conv1.conv
+        conv = block.conv1.conv  # called directly: PyTorch's heuristic picks its slow path for one 1-channel image
         out = torch.mkldnn_convolution(inp, conv.weight, None, conv.padding, conv.stride, conv.dilation, 1)
         out = block.norm2(block.conv2(block.lrelu(block.norm1(out))))
         norm = block.norm3

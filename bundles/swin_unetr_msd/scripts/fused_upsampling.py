@@ -114,5 +114,6 @@ def fuse_upsampling(network: nn.Module, enabled: bool = True) -> nn.Module:
     """Returns `network`, whose foldable `UnetrUpBlock`s become `FusedUnetrUpBlock`s in place when `enabled`."""
     if enabled:
         fused = swap_blocks(network, is_foldable, FusedUnetrUpBlock)
-        logger.info(f"cpu_fused_upsampling: transposed convolution folded into the next convolutions in {fused or 'no block'}.")
+        where = fused or "no block"
+        logger.info(f"cpu_fused_upsampling: transposed convolution folded into the next convolutions in {where}.")
     return network
