@@ -658,7 +658,8 @@ def test_fused_input_block_gives_the_basic_blocks_outputs(channels_last, affine)
     fused = fused_input_block.fuse_input_block(copy.deepcopy(block))
     assert type(fused) is fused_input_block.FusedInputBlock
     assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), block.state_dict().values()))
-    x = torch.randn(2, 1, 24, 20, 16) * torch.tensor([1.0, 0.05]).view(2, 1, 1, 1, 1) + torch.tensor([3.0, -40.0]).view(2, 1, 1, 1, 1)
+    spread, offset = torch.tensor([1.0, 0.05]).view(2, 1, 1, 1, 1), torch.tensor([3.0, -40.0]).view(2, 1, 1, 1, 1)
+    x = torch.randn(2, 1, 24, 20, 16) * spread + offset
     expected = copy.deepcopy(block).double()(x.double())
     with torch.no_grad():
         out, monai_out = fused(x), block(x)

@@ -49,7 +49,9 @@ class FusedInputBlock(UnetrBasicBlock):
         scale = weight / torch.sqrt(weight.square() * variance[:, None] + norm.eps)  # (N, C)
         if norm.affine:
             scale = scale * norm.weight.double()
-        shift = -mean[:, None] * scale if not norm.affine else norm.bias.double() - mean[:, None] * scale
+        shift = -mean[:, None] * scale
+        if norm.affine:
+            shift = shift + norm.bias.double()
         voxels = out.permute(0, 2, 3, 4, 1)  # (N, D, H, W, C): contiguous for channels-last maps
         image = inp.permute(0, 2, 3, 4, 1)  # (N, D, H, W, 1)
         voxels.addcmul_(image, scale.float()[:, None, None, None]).add_(shift.float()[:, None, None, None])
