@@ -19,7 +19,7 @@ from monai.networks.nets import SwinUNETR
 scripts = load_bundle_scripts("swin_unetr_btcv")
 from scripts import (  # noqa: E402
     checkpoints, checks, datalist, fast_norm, finite_loss, fused_input_block, fused_upsampling, metrics,
-    mixed_precision, patchwise, pretrained, window_attention,
+    mixed_precision, patchwise, pretrained, window_attention, winograd_conv,
 )  # fmt: skip
 
 
@@ -691,6 +691,70 @@ def test_fused_input_block_folds_only_single_channel_input_blocks():
     dropout.layer.conv1.add_module("dropout", torch.nn.Dropout3d())
     assert type(fused_input_block.fuse_input_block(dropout)).__name__ == "UnetrBasicBlock"
     assert type(fused_input_block.fuse_input_block(_input_block(6), enabled=False)).__name__ == "UnetrBasicBlock"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(6, 10, 12), (5, 3, 4)])
+def test_winograd_convolution_gives_the_convolutions_outputs(bias, shape):
+    """`cpu_winograd`: F(4,3) along the last axis gives `F.conv3d`'s outputs with padding 1 (float32 against float64,
+    batch of 2, edge tiles, one tile), channels-last."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 5, *shape) + 3).to(memory_format=torch.channels_last_3d)
+    weight = torch.randn(7, 5, 3, 3, 3).to(memory_format=torch.channels_last_3d)
+    b = torch.randn(7) if bias else None
+    expected = torch.nn.functional.conv3d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+    out = winograd_conv.winograd_conv3d(x, weight, b)
+    assert out.shape == expected.shape == (2, 7, *shape) and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert (out.double() - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+def test_winograd_layers_take_the_path_only_for_large_float32_maps_without_gradients():
+    """Wide channels-last maps of 24^3 or more in inference; PyTorch's convolution for everything else."""
+    import copy
+
+    torch.manual_seed(0)
+    channels_last = torch.channels_last_3d
+    plain = torch.nn.Conv3d(48, 8, 3, padding=1, bias=True).to(memory_format=channels_last)
+    conv = copy.deepcopy(plain)
+    assert winograd_conv.use_winograd(conv) is conv and type(conv) is winograd_conv.WinogradConv3d
+    x = torch.randn(1, 48, 24, 24, 24).to(memory_format=channels_last)
+    with torch.no_grad():
+        out = conv(x)
+        expected = copy.deepcopy(plain).double()(x.double())
+        assert (out.double() - expected).abs().max() < 1e-4 and not torch.equal(out, plain(x))  # F(4,3) ran
+        for other in (x.contiguous(), x[..., :22], x[:, :, :16, :16, :16]):  # layout, width, size
+            assert torch.equal(conv(other), plain(other))
+        narrow = torch.nn.Conv3d(32, 8, 3, padding=1).to(memory_format=channels_last)  # too few channels
+        assert torch.equal(winograd_conv.use_winograd(copy.deepcopy(narrow))(x[:, :32]), narrow(x[:, :32]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(conv(x), plain(x))
+    assert torch.equal(conv(x), plain(x)) and _autograd_nodes(conv(x))["ConvolutionBackward0"] == 1
+
+
+def test_use_winograd_swaps_only_plain_3x3x3_convolutions():
+    """In SwinUNETR: every 3^3 stride-1 convolution, none of the 1^3, strided or transposed ones; same parameters and,
+    at feature 48, the same outputs within float32 rounding; `enabled=False` swaps none."""
+    import copy
+
+    torch.manual_seed(0)
+    net = SwinUNETR(1, 14, feature_size=48).to(memory_format=torch.channels_last_3d).eval()
+    reference = copy.deepcopy(net)
+    assert winograd_conv.use_winograd(net) is net and list(net.state_dict()) == list(reference.state_dict())
+    kinds = collections.Counter(
+        (type(m).__name__, m.kernel_size, m.stride) for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)
+    )
+    assert kinds[("WinogradConv3d", (3, 3, 3), (1, 1, 1))] == 20 and kinds[("Conv3d", (3, 3, 3), (1, 1, 1))] == 0
+    assert kinds[("Conv3d", (1, 1, 1), (1, 1, 1))] > 0 and kinds[("ConvTranspose3d", (2, 2, 2), (2, 2, 2))] == 5
+    assert kinds[("Conv3d", (2, 2, 2), (2, 2, 2))] == 1  # the patch embedding
+    x = torch.rand(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        out, expected = net(x), reference(x)
+    assert not torch.equal(out, expected)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    untouched = torch.nn.Sequential(torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.Conv3d(4, 4, 3, padding=2, dilation=2))
+    assert type(winograd_conv.use_winograd(untouched, enabled=False)[0]) is torch.nn.Conv3d
+    assert type(winograd_conv.use_winograd(untouched)[1]) is torch.nn.Conv3d
 
 
 def test_attention_masks_are_built_once_per_shape_and_give_the_same_outputs(monkeypatch):

@@ -61,7 +61,7 @@ def test_yes_no_settings_are_checked_first_in_run(bundle, name):
     """Each top-level true/false setting goes through `check_flags` before anything else runs (`--amp false` is text)."""
     config = json.loads((BUNDLES / bundle / "configs" / name).read_text())
     computed = {"amp", "cpu_memory_pool", "cpu_fast_norm", "cpu_channels_last", "cpu_fused_upsampling", "cpu_fused_input_block",
-                "cpu_mask_cache"}  # yes/no settings whose inference defaults are expressions
+                "cpu_mask_cache", "cpu_winograd"}  # yes/no settings whose inference defaults are expressions
     flags = {key for key, value in config.items() if isinstance(value, bool) or key in computed}
     assert config["run"][0] == "$@flags_check"
     assert config["flags_check"]["_target_"] == "scripts.checks.check_flags"
@@ -89,7 +89,8 @@ COPIED_HELPERS = {
     "curves.py": BUNDLE_NAMES, "overlays.py": SEGMENTATION_BUNDLES, "mixed_precision.py": BUNDLE_NAMES,
     "finite_loss.py": BUNDLE_NAMES, "patchwise.py": SEGMENTATION_BUNDLES, "fast_norm.py": SEGMENTATION_BUNDLES,
     "window_attention.py": BUNDLE_NAMES, "fused_upsampling.py": SEGMENTATION_BUNDLES,
-    "fused_input_block.py": SEGMENTATION_BUNDLES,
+    "fused_input_block.py": SEGMENTATION_BUNDLES, "winograd_conv.py": SEGMENTATION_BUNDLES,
+    "cpu_inference.py": SEGMENTATION_BUNDLES,
 }  # fmt: skip
 
 
@@ -273,6 +274,7 @@ def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bund
             assert parser.get_parsed_content("cpu_channels_last") is on_cpu, files
             assert parser.get_parsed_content("flags_check")["cpu_fused_upsampling"] is on_cpu, files
             assert parser.get_parsed_content("flags_check")["cpu_fused_input_block"] is on_cpu, files
+            assert parser.get_parsed_content("flags_check")["cpu_winograd"] is on_cpu, files
             assert parser.get_parsed_content("mask_cache#enabled") is on_cpu, files
             run = json.loads((configs / files[-1]).read_text())["run"]  # raw: the parser rewrites '#' in expressions
             assert run[run.index("$@memory_pool") + 1] == "$@mask_cache", files
@@ -285,6 +287,7 @@ def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bund
                 assert type(network.decoder1).__name__ == "FusedUnetrUpBlock", files
                 single_channel = parser.get_parsed_content("network_def#in_channels") == 1
                 assert (type(network.encoder1).__name__ == "FusedInputBlock") is single_channel, files
+                assert type(network.decoder1.conv_block.conv2.conv).__name__ == "WinogradConv3d", files
                 weights = [m.weight for m in network.modules() if isinstance(m, torch.nn.Conv3d)]
                 assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights), files
         inference = ConfigParser()  # device-dependent defaults follow the chosen device, not what the machine has

@@ -60,7 +60,7 @@ class FusedUnetrUpBlock(UnetrUpBlock):
             folded = torch.einsum("oikq,mqk->iom", pairs, TAP_MAP.to(pairs)).unflatten(2, (4, 4, 4))
             folded_residual = torch.einsum("om,imq->ioq", residual[:, :up, 0, 0, 0], upsample.flatten(2))
         out = F.conv_transpose3d(inp, folded, stride=2, padding=1)
-        out += F.conv3d(skip, first[:, up:], padding=1)
+        out += block.conv1.conv._conv_forward(skip, first[:, up:], None)  # the skip's half, as the layer would run it
         out = block.norm2(block.conv2(block.lrelu(block.norm1(out))))
         shortcut = F.conv_transpose3d(inp, folded_residual.unflatten(2, (2, 2, 2)), stride=2)
         shortcut += F.conv3d(skip, residual[:, up:])
