@@ -259,8 +259,9 @@ def test_cpu_fine_tuning_keeps_freed_memory_and_trains_one_patch_per_pass(bundle
 @pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
 def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bundle, device, on_cpu):
     """Float32 CPU inference swaps the norms, keeps convolution weights channels-last, folds the last upsampling into
-    the convolutions after it, normalises a single-channel image's residual branch in closed form and reuses attention
-    masks (README, Performance); CUDA keeps MONAI's network as is."""
+    the convolutions after it, normalises a single-channel image's residual branch in closed form, computes large 3^3
+    convolutions with Winograd's F(4,3) and reuses attention masks (README, Performance); CUDA keeps MONAI's network
+    as is."""
     from monai.bundle import ConfigParser
 
     configs = BUNDLES / bundle / "configs"
