@@ -741,9 +741,8 @@ def test_use_winograd_swaps_only_plain_3x3x3_convolutions():
     net = SwinUNETR(1, 14, feature_size=48).to(memory_format=torch.channels_last_3d).eval()
     reference = copy.deepcopy(net)
     assert winograd_conv.use_winograd(net) is net and list(net.state_dict()) == list(reference.state_dict())
-    kinds = collections.Counter(
-        (type(m).__name__, m.kernel_size, m.stride) for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)
-    )
+    convolutions = [m for m in net.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    kinds = collections.Counter((type(m).__name__, m.kernel_size, m.stride) for m in convolutions)
     assert kinds[("WinogradConv3d", (3, 3, 3), (1, 1, 1))] == 20 and kinds[("Conv3d", (3, 3, 3), (1, 1, 1))] == 0
     assert kinds[("Conv3d", (1, 1, 1), (1, 1, 1))] > 0 and kinds[("ConvTranspose3d", (2, 2, 2), (2, 2, 2))] == 5
     assert kinds[("Conv3d", (2, 2, 2), (2, 2, 2))] == 1  # the patch embedding
@@ -752,7 +751,8 @@ def test_use_winograd_swaps_only_plain_3x3x3_convolutions():
         out, expected = net(x), reference(x)
     assert not torch.equal(out, expected)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    untouched = torch.nn.Sequential(torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.Conv3d(4, 4, 3, padding=2, dilation=2))
+    dilated = torch.nn.Conv3d(4, 4, 3, padding=2, dilation=2)
+    untouched = torch.nn.Sequential(torch.nn.Conv3d(4, 4, 3, padding=1), dilated)
     assert type(winograd_conv.use_winograd(untouched, enabled=False)[0]) is torch.nn.Conv3d
     assert type(winograd_conv.use_winograd(untouched)[1]) is torch.nn.Conv3d
 

@@ -13,8 +13,8 @@ for values up to ~6 (oneDNN's own: ~1e-5).
 
 Only float32 channels-last maps without gradients take this path (inference and evaluation), with a last axis of a
 multiple of 4, at least `MIN_VOXELS` voxels and `MIN_CHANNELS` input channels: smaller or narrower maps measured no
-faster or slower. Parameter names and values are unchanged, so checkpoints load either way. This file is a bundle-local copy (identical in the fine-tuning bundles)
-so each bundle works when copied alone.
+faster or slower. Parameter names and values are unchanged, so checkpoints load either way. This file is a
+bundle-local copy (identical in the fine-tuning bundles) so each bundle works when copied alone.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ KERNEL_TRANSFORM = torch.tensor(
 def winograd_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.conv3d(x, weight, bias, padding=1)` for a channels-last (N, C, D, H, W) map with W a multiple of 4 and a
     3^3 kernel, through F(4,3) along W; returned channels-last."""
-    images, _, depth, height, width = x.shape
+    images, channels, depth, height, width = x.shape
     tiles = width // 4
     # columns 4t + j - 1 of tile t for j = 1..4; j = 0 and 5 are the neighbouring tiles' (zero beyond the edges)
     voxels = x.permute(0, 2, 3, 4, 1)  # (N, D, H, W, C): contiguous for channels-last maps
@@ -48,7 +48,7 @@ def winograd_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     # input transform, the rows of B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
     # [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]] applied to (d0, ..., d5), written in place
     # (pairs of rows share their sums and differences, so no temporaries are needed)
-    phases = voxels.new_empty(6, images, depth, height, tiles, x.shape[1])
+    phases = voxels.new_empty(6, images, depth, height, tiles, channels)
     p0, p1, p2, p3, p4, p5 = phases
     torch.sub(d4, d2, alpha=4, out=p1)
     torch.sub(d3, d1, alpha=4, out=p2)
