@@ -7,6 +7,8 @@ less arithmetic makes them faster. Winograd's minimal filtering (Lavin and Gray,
 - the input becomes 6 maps of a quarter of its width, each a sum of every 4th column with small integer weights;
 - each is convolved by oneDNN with a 3 x 3 x 1 kernel, the 3^3 kernel's taps along that axis combined likewise;
 - the 6 results combine into the 4 columns of each output tile.
+Neither PyTorch nor oneDNN computes 3-D convolutions this way (oneDNN's Winograd convolutions are 2-D 3 x 3 only), so
+the transforms are written here with PyTorch's elementwise operations around oneDNN's 3 x 3 x 1 convolutions.
 A 48 -> 48 convolution of a 96^3 map took ~155 instead of ~194 ms (the transforms ~45 ms of it), a float32 96^3
 window of SwinUNETR (feature 48, 2 cores) 1.58 instead of 1.74 s. Outputs are within ~3e-5 of a float64 computation
 for values up to ~6 (oneDNN's own: ~1e-5).
