@@ -61,6 +61,26 @@ def test_datalist_json_without_validation_is_split(small_btcv, tmp_path):
     assert len(split["training"]) == 3 and len(split["validation"]) == 2
 
 
+def test_num_train_cases_keeps_the_first_training_cases_and_all_validation(small_btcv):
+    every = datalist.build_datalist(small_btcv, val_fraction=0.4)
+    fewer = datalist.build_datalist(small_btcv, val_fraction=0.4, num_train_cases=2)
+    assert fewer["training"] == every["training"][:2] and len(every["training"]) == 3
+    assert fewer["validation"] == every["validation"]
+    assert datalist.build_datalist(small_btcv, val_fraction=0.4, num_train_cases=None) == every
+
+
+@pytest.mark.parametrize("value, message", [
+    (0, "num_train_cases must be a positive whole number or None (all cases), got 0."),
+    (True, "num_train_cases must be a positive whole number or None (all cases), got True."),
+    ("2", "num_train_cases must be a positive whole number or None (all cases), got '2'."),
+    (4, "num_train_cases is 4 but the training split holds only 3 cases."),
+])  # fmt: skip
+def test_num_train_cases_out_of_range_is_named(small_btcv, value, message):
+    with pytest.raises(ValueError) as error:
+        datalist.build_datalist(small_btcv, val_fraction=0.4, num_train_cases=value)
+    assert str(error.value) == message
+
+
 def test_missing_dataset_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"dataset_dir '.*nowhere' does not exist"):
         datalist.build_datalist(str(tmp_path / "nowhere"))

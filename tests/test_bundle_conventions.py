@@ -1,4 +1,4 @@
-"""Every bundle has the Model Zoo layout and exposes the project's public settings (see DEVELOPERS.md)."""
+"""Every bundle has the Model Zoo layout and exposes the project's public settings (the developers' guide)."""
 
 import contextlib
 import json
@@ -16,8 +16,9 @@ SEGMENTATION_BUNDLES = [b for b in ("swin_unetr_btcv", "swin_unetr_msd") if b in
 TRAIN_SETTINGS = [
     "bundle_root", "dataset_dir", "datalist", "output_dir", "ckpt_dir", "device", "amp", "feature_size", "roi_size",
     "num_samples", "batch_size", "max_epochs", "val_interval", "learning_rate", "num_workers", "cache_rate",
+    "seed",
 ]  # fmt: skip
-FINE_TUNING_SETTINGS = ["pretrained_path", "use_pretrained"]
+FINE_TUNING_SETTINGS = ["pretrained_path", "use_pretrained", "num_train_cases"]
 INFERENCE_SETTINGS = ["dataset_dir", "datalist", "output_dir", "roi_size", "sw_batch_size", "overlap", "device", "amp"]
 
 

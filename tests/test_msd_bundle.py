@@ -126,6 +126,22 @@ def test_folds_are_deterministic_disjoint_and_cover_all_cases(tmp_path):
         fold_split(cases, 5)
 
 
+def test_num_train_cases_keeps_the_first_cases_of_the_fold(tmp_path):
+    load_bundle_scripts("swin_unetr_msd")
+    from scripts.decathlon import build_task_datalist
+
+    data = tmp_path / "Task05_Prostate"
+    generate_task(str(data), "Task05_Prostate", num_train=6, num_test=0, shape=(24, 20, 6), spacing=(0.625, 0.625, 3.6))
+    task = json.loads(task_file("Task05_Prostate").read_text())
+    kwargs = dict(dataset_dir=str(data), task="Task05_Prostate", modality=task["modality"], labels=task["labels"])
+    every = build_task_datalist(**kwargs, fold=1)
+    fewer = build_task_datalist(**kwargs, fold=1, num_train_cases=2)
+    assert fewer["training"] == every["training"][:2] and len(every["training"]) == 4
+    assert fewer["validation"] == every["validation"]
+    with pytest.raises(ValueError, match="num_train_cases is 5 but the training split holds only 4 cases"):
+        build_task_datalist(**kwargs, fold=1, num_train_cases=5)
+
+
 @pytest.mark.parametrize("breakage, message", [
     ("missing_folder", "dataset_dir '{data}' does not exist or is not a folder"),
     ("wrong_task", "task 'Task01_BrainTumour' does not match {data}/dataset.json: its modality is"),

@@ -217,6 +217,45 @@ def test_several_datalists_with_base_dirs(tmp_path):
         datalist.build_unlabelled_datalist(datalist=str(tmp_path / "a.json"))  # relative to the JSON's folder
 
 
+def test_rotation_in_the_released_codes_plane():
+    """`rotation_axes` [1, 2] turns the sagittal plane, as the paper's released code does."""
+    image = torch.arange(3 * 4 * 4, dtype=torch.float32).reshape(1, 3, 4, 4)
+    rotate = transforms.RandRotate90Labeld(keys="view", label_key="rot", spatial_axes=(1, 2))
+    for seed in range(8):
+        rotate.set_random_state(seed)
+        out = rotate({"view": image})
+        torch.testing.assert_close(torch.as_tensor(out["view"]), torch.rot90(image, int(out["rot"]), dims=(2, 3)))
+
+
+def test_rotation_plane_must_have_equal_sides():
+    transforms.check_rotation_plane([96, 96, 64], [0, 1])
+    transforms.check_rotation_plane([64, 96, 96], [1, 2])
+    with pytest.raises(ValueError) as error:
+        transforms.check_rotation_plane([96, 80, 64], [0, 1])
+    assert str(error.value) == (
+        "roi_size [96, 80, 64] has sides 96 and 80 in the rotation plane rotation_axes=[0, 1]; they must be equal so "
+        "that rotated views keep their shape."
+    )
+    with pytest.raises(ValueError, match="rotation_axes must be two different spatial axes out of 0, 1, 2, got \\[1, 1\\]"):
+        transforms.check_rotation_plane([96, 96, 96], [1, 1])
+
+
+def test_uniform_cutout_budget_varies_up_to_the_maximum():
+    """`budget="uniform"` (the released code's) draws each view's share from [0, max): shares spread over the
+    range, with a mean near half the maximum; the default fills close to the maximum every time."""
+    image = torch.full((1, 32, 32, 32), 7.0)
+    shares = {}
+    for budget in ("max", "uniform"):
+        cutout = transforms.RandInnerCutoutd(keys="view", max_fraction=0.3, budget=budget)
+        cutout.set_random_state(0)
+        shares[budget] = [(cutout({"view": image})["view"] != 7.0).float().mean().item() for _ in range(40)]
+    assert min(shares["max"]) > 0.25 and max(shares["max"]) <= 0.3
+    assert max(shares["uniform"]) <= 0.3 and min(shares["uniform"]) < 0.08 and max(shares["uniform"]) > 0.22
+    assert 0.1 < np.mean(shares["uniform"]) < 0.2
+    with pytest.raises(ValueError, match="cutout_budget must be one of \\('max', 'uniform'\\), got 'half'"):
+        transforms.RandInnerCutoutd(keys="view", budget="half")
+
+
 def test_cutout_rejects_bad_fraction():
     with pytest.raises(ValueError, match="max_fraction"):
         transforms.RandInnerCutoutd(keys="view", max_fraction=1.5)

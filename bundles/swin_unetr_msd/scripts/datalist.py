@@ -80,6 +80,18 @@ def split_train_val(pairs: list[dict], val_fraction: float) -> dict[str, list[di
     return {"training": pairs[:-num_val], "validation": pairs[-num_val:]}
 
 
+def first_cases(training: list[dict], num_train_cases: int | None) -> list[dict]:
+    """The first `num_train_cases` training cases (all of them when None), to fine-tune on fewer labelled scans
+    with the validation cases unchanged."""
+    if num_train_cases is None:
+        return training
+    if isinstance(num_train_cases, bool) or not isinstance(num_train_cases, int) or num_train_cases < 1:
+        raise ValueError(f"num_train_cases must be a positive whole number or None (all cases), got {num_train_cases!r}.")
+    if num_train_cases > len(training):
+        raise ValueError(f"num_train_cases is {num_train_cases} but the training split holds only {len(training)} cases.")
+    return training[:num_train_cases]
+
+
 def check_pairs(pairs: Sequence[dict], num_classes: int) -> None:
     """Each image and label exists, their shapes agree, and label values lie in 0..num_classes-1."""
     for pair in pairs:
@@ -107,13 +119,14 @@ def build_datalist(
     num_classes: int = 14,
     val_fraction: float = 0.2,
     check_data: bool = True,
+    num_train_cases: int | None = None,
 ) -> dict[str, list[dict]]:
     """`{'training': [...], 'validation': [...]}` of `{'image', 'label'}` file pairs.
 
     With `datalist` (a Decathlon-style JSON with a "training" and optionally a "validation" list, relative paths
     resolved against `dataset_dir`), its lists are used; otherwise `dataset_dir` is read in the BTCV layout
     (`imagesTr/img0001.nii.gz` + `labelsTr/label0001.nii.gz`). Without a "validation" list the sorted cases are
-    split by `val_fraction`.
+    split by `val_fraction`. `num_train_cases` keeps only the first that many training cases (see `first_cases`).
     """
     if datalist:
         if not os.path.isfile(datalist):
@@ -129,6 +142,7 @@ def build_datalist(
             split = split_train_val(training, val_fraction)
     else:
         split = split_train_val(pairs_from_folder(dataset_dir), val_fraction)
+    split["training"] = first_cases(split["training"], num_train_cases)
     if check_data:
         check_pairs(split["training"] + split["validation"], num_classes)
     return split

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import nibabel as nib
 from monai.data import load_decathlon_datalist
 
-from .datalist import build_datalist, check_pairs
+from .datalist import build_datalist, check_pairs, first_cases
 
 DATASET_JSON = "dataset.json"
 
@@ -87,12 +87,14 @@ def build_task_datalist(
     fold: int = 0,
     num_folds: int = 5,
     datalist: str | None = None,
+    num_train_cases: int | None = None,
 ) -> dict[str, list[dict]]:
     """`{'training', 'validation'}` lists of `{'image', 'label'}` for one fold of a Decathlon task folder.
 
     The folder's `dataset.json` must agree with the task file; its "training" list is split into folds unless
     `datalist` (a JSON with its own "training"/"validation" lists, paths relative to `dataset_dir`) is given.
     Every image must have `len(modality)` channels and every label values in `0..len(labels)-1`.
+    `num_train_cases` keeps only the first that many training cases of the fold; validation is unchanged.
     """
     check_task(dataset_dir, task, modality, labels)
     num_classes = len(labels)
@@ -101,6 +103,7 @@ def build_task_datalist(
     else:
         cases = load_decathlon_datalist(os.path.join(dataset_dir, DATASET_JSON), True, "training", base_dir=dataset_dir)
         split = fold_split(cases, fold, num_folds)
+    split["training"] = first_cases(split["training"], num_train_cases)
     everything = split["training"] + split["validation"]
     check_pairs(everything, num_classes)
     check_channels(everything, len(modality))

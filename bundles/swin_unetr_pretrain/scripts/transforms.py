@@ -14,9 +14,23 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, Rotate90
 
 
+def check_rotation_plane(roi_size: Sequence[int], rotation_axes: Sequence[int]) -> None:
+    """Raises ValueError naming the settings when quarter turns in the `rotation_axes` plane would change the shape
+    of a `roi_size` sub-volume (the two sides of that plane must be equal for views to batch)."""
+    axes = list(rotation_axes)
+    if len(axes) != 2 or len(set(axes)) != 2 or not all(a in (0, 1, 2) for a in axes):
+        raise ValueError(f"rotation_axes must be two different spatial axes out of 0, 1, 2, got {rotation_axes!r}.")
+    if roi_size[axes[0]] != roi_size[axes[1]]:
+        raise ValueError(
+            f"roi_size {list(roi_size)} has sides {roi_size[axes[0]]} and {roi_size[axes[1]]} in the rotation plane "
+            f"rotation_axes={axes}; they must be equal so that rotated views keep their shape."
+        )
+
+
 class RandRotate90Labeld(Randomizable, MapTransform):
-    """Rotates `keys` by the same random k x 90 degrees (k in 0..3) in the plane of `spatial_axes` (RAS axial by
-    default) and stores k as a long tensor under `label_key`, the target of the rotation head."""
+    """Rotates `keys` by the same random k x 90 degrees (k in 0..3) in the plane of `spatial_axes` and stores k as a
+    long tensor under `label_key`, the target of the rotation head. The default (0, 1) is the RAS axial plane; the
+    paper's released code turns (1, 2), the sagittal plane."""
 
     def __init__(
         self, keys: KeysCollection, label_key: str, spatial_axes: Sequence[int] = (0, 1), allow_missing_keys: bool = False
@@ -40,12 +54,16 @@ class RandRotate90Labeld(Randomizable, MapTransform):
 
 
 class RandInnerCutoutd(Randomizable, MapTransform):
-    """Masks random boxes inside each image of `keys` until they cover `max_fraction` of it, never more.
+    """Masks random boxes inside each image of `keys` until they cover its budget, never more.
 
-    Each box has sides of 1/16 to `max_block_fraction` of the image's; it is filled with Gaussian noise rescaled
-    to [0, 1] or, with probability `donor_prob` when `donor_key` is given, with the same box of the donor image
-    (another sub-volume). Boxes that would push the covered share past `max_fraction` are skipped.
+    The budget is `max_fraction` of the image (`budget="max"`) or, as in the paper's released code, a share drawn
+    uniformly from [0, `max_fraction`) for each image (`budget="uniform"`). Each box has sides of 1/16 to
+    `max_block_fraction` of the image's; it is filled with Gaussian noise rescaled to [0, 1] or, with probability
+    `donor_prob` when `donor_key` is given, with the same box of the donor image (another sub-volume). Boxes that
+    would push the covered share past the budget are skipped.
     """
+
+    BUDGETS = ("max", "uniform")
 
     def __init__(
         self,
@@ -55,11 +73,15 @@ class RandInnerCutoutd(Randomizable, MapTransform):
         donor_key: str | None = None,
         donor_prob: float = 0.5,
         max_tries: int = 100,
+        budget: str = "max",
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         if not 0.0 < max_fraction < 1.0:
             raise ValueError(f"max_fraction must lie in (0, 1), got {max_fraction}.")
+        if budget not in self.BUDGETS:
+            raise ValueError(f"cutout_budget must be one of {self.BUDGETS}, got {budget!r}.")
+        self.budget = budget
         self.max_fraction = max_fraction
         self.max_block_fraction = max_block_fraction
         self.donor_key = donor_key
@@ -70,7 +92,8 @@ class RandInnerCutoutd(Randomizable, MapTransform):
         """Boxes as (slices, fill_from_donor), their union covering at most `max_fraction` of the image."""
         shape = np.asarray(spatial_shape)
         covered = np.zeros(spatial_shape, dtype=bool)
-        budget = self.max_fraction * covered.size
+        share = self.max_fraction if self.budget == "max" else self.R.uniform(0.0, self.max_fraction)
+        budget = share * covered.size
         boxes = []
         for _ in range(self.max_tries):
             if covered.sum() >= budget * 0.95:

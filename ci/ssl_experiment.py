@@ -1,0 +1,336 @@
+"""Does self-supervised pre-training help fine-tuning? The protocol of `docs/ssl_experiment.md`, run end to end.
+
+Drives only `python -m monai.bundle run` with the bundles' public settings; the runner itself makes data, the
+control encoder (the pre-trained one with each tensor's values shuffled) and the summary, never trains.
+
+    python ci/ssl_experiment.py --preset cpu --out_dir experiments/ssl_cpu     # about 90 minutes on 2 CPU cores
+    python ci/ssl_experiment.py --preset gpu --out_dir experiments/ssl_gpu     # paper-sized, for a GPU
+    python ci/ssl_experiment.py --preset tiny --out_dir /tmp/ssl_tiny          # plumbing check (the test suite's)
+
+Stopped at any point, the same command resumes: finished steps (data, pre-training, each fine-tuning run with its
+test evaluation) are recognised by the result files they write last, atomically; an unfinished step starts again.
+
+Writes into `out_dir`: `results.csv` (one row per arm x labelled cases x seed: mean and per-organ test Dice),
+`summary.csv` (per arm and labelled cases: mean, spread, paired differences by seed, and the protocol's call),
+`data/hardness.json` (the phantoms' HU-lookup Dice and crop overlap, `phantom_ct.hardness`),
+`dice_vs_labelled_cases.png`, `pretraining_curves.png` (the pre-training bundle's loss and validation curves), and
+`logs/` with every bundle run's output.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "ci"))
+import phantom_ct  # noqa: E402
+
+ARMS = ("scratch", "pretrained", "shuffled")
+ORGANS = phantom_ct.BTCV_LABELS[1:]
+# The protocol's call: a mean paired difference of at least this much Dice, of the same sign for every seed.
+EFFECT_THRESHOLD = 0.02
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One size of the experiment; every field is either data or a public setting of the bundles."""
+
+    fov_scale: float  # phantom size (phantom_ct.make_phantom)
+    num_unlabelled: int  # pre-training volumes (one more is its validation volume)
+    num_val: int  # fine-tuning validation cases (choose model.pt), the same in every run
+    num_test: int  # held-out test cases, scored once per run and used for nothing else
+    label_counts: tuple[int, ...]  # labelled training cases per run (num_train_cases: the first N)
+    seeds: tuple[int, ...]  # fine-tuning seeds (seed); pre-training runs once with seed 0
+    feature_size: int
+    roi_size: int
+    pretrain_epochs: int  # pre-training steps = pretrain_epochs * ceil(num_unlabelled / pretrain_batch)
+    pretrain_batch: int
+    pretrain_val_every: int  # pre-training iterations between validations (model_swinvit.pt at the best L1)
+    finetune_steps: int  # optimizer steps per fine-tuning run, the same for every arm and labelled count
+    finetune_val_every: int  # fine-tuning steps between validations (model.pt at the best validation Dice)
+    num_samples: int = 2
+    pretrain_lr: float = 4e-4
+    finetune_lr: float = 1e-4
+    warmup_fraction: float = 0.1
+    extra: dict = field(default_factory=dict)  # further public settings for every run (e.g. use_checkpoint)
+
+
+PRESETS = {
+    "tiny": Preset(
+        fov_scale=0.45, num_unlabelled=2, num_val=1, num_test=1, label_counts=(1, 2), seeds=(0,), feature_size=12,
+        roi_size=64, pretrain_epochs=2, pretrain_batch=2, pretrain_val_every=2, finetune_steps=2,
+        finetune_val_every=2, num_samples=1, extra={"use_checkpoint": False, "num_workers": 0, "sw_batch_size": 2},
+    ),
+    "cpu": Preset(
+        fov_scale=0.6, num_unlabelled=12, num_val=2, num_test=3, label_counts=(2, 6), seeds=(0, 1, 2),
+        feature_size=12, roi_size=64, pretrain_epochs=16, pretrain_batch=2, pretrain_val_every=24,
+        finetune_steps=120, finetune_val_every=60, num_samples=1, pretrain_lr=1e-3, finetune_lr=2e-3,
+        extra={"use_checkpoint": False, "num_workers": 2, "sw_batch_size": 2},
+    ),
+    "gpu": Preset(
+        fov_scale=1.0, num_unlabelled=200, num_val=4, num_test=12, label_counts=(2, 4, 8, 16), seeds=(0, 1, 2),
+        feature_size=48, roi_size=96, pretrain_epochs=100, pretrain_batch=4, pretrain_val_every=500,
+        finetune_steps=3000, finetune_val_every=250, num_samples=4, extra={"num_workers": 8},
+    ),
+}  # fmt: skip
+
+
+def write_json_atomic(obj: object, path: str) -> None:
+    """Writes `obj` as JSON to `path` through a temporary file in the same folder, so it is complete or absent."""
+    tmp = f"{path}.partial"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def bundle_run(args: list[str], log_path: str) -> None:
+    """`python -m monai.bundle run ARGS`, output to `log_path`; a failure raises with the log's tail."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "w") as log:
+        status = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], stdout=log, stderr=subprocess.STDOUT)
+    if status.returncode:
+        with open(log_path) as log:
+            tail = "".join(log.readlines()[-25:])
+        raise RuntimeError(f"{tail}\nbundle run failed (exit {status.returncode}); full log: {log_path}")
+
+
+def settings(**values: object) -> list[str]:
+    """`--key value` pairs as `monai.bundle run` parses them (Python literals)."""
+    return [item for key, value in values.items() for item in (f"--{key}", repr(value) if not isinstance(value, str) else value)]
+
+
+def prepare_data(out_dir: str, preset: Preset) -> dict[str, str]:
+    """Phantoms and the datalists of every stage; returns their paths. Labelled, test and pre-training phantoms
+    are different patients (seeds 1 and 2)."""
+    data = os.path.join(out_dir, "data")
+    lists = {name: os.path.join(data, f"{name}.json") for name in ("finetune", "test", "pretrain")}
+    if all(os.path.isfile(p) for p in lists.values()):
+        return lists
+    shutil.rmtree(data, ignore_errors=True)
+    labelled = phantom_ct.generate(
+        os.path.join(data, "labelled"), max(preset.label_counts) + preset.num_val, preset.num_test, 1, preset.fov_scale
+    )
+    unlabelled = phantom_ct.generate(os.path.join(data, "unlabelled"), preset.num_unlabelled + 1, 0, 2, preset.fov_scale)
+    with open(os.path.join(labelled, "dataset.json")) as f:
+        cases = json.load(f)
+    absolute = lambda items: [{k: os.path.join(labelled, v) for k, v in c.items()} for c in items]  # noqa: E731
+    pool = absolute(cases["training"])
+    test = absolute(cases["test"])
+    num_train = max(preset.label_counts)
+    write_json_atomic({"training": pool[:num_train], "validation": pool[num_train:]}, lists["finetune"])
+    write_json_atomic({"training": test, "validation": test}, lists["test"])
+    with open(os.path.join(unlabelled, "dataset.json")) as f:
+        images = [{"image": os.path.join(unlabelled, c["image"])} for c in json.load(f)["training"]]
+    # How hard this data set is (the HU-lookup Dice fitted on the labelled pool, scored on the test cases).
+    write_json_atomic(phantom_ct.hardness(labelled, roi=preset.roi_size), os.path.join(data, "hardness.json"))
+    write_json_atomic({"training": images[:-1], "validation": images[-1:]}, lists["pretrain"])
+    return lists
+
+
+def pretrain(out_dir: str, preset: Preset, datalist: str) -> str:
+    """Runs the pre-training bundle once; returns the path of its `model_swinvit.pt`."""
+    run_dir = os.path.join(out_dir, "pretrain")
+    encoder = os.path.join(run_dir, "models", "model_swinvit.pt")
+    done = os.path.join(run_dir, "done.json")
+    if os.path.isfile(done):
+        return encoder
+    shutil.rmtree(run_dir, ignore_errors=True)
+    steps = preset.pretrain_epochs * -(-preset.num_unlabelled // preset.pretrain_batch)
+    config = os.path.join(REPO, "bundles", "swin_unetr_pretrain", "configs", "train.json")
+    bundle_run(
+        ["training", "--config_file", config]
+        + settings(
+            dataset_dir=os.path.dirname(datalist), datalist=datalist, ckpt_dir=os.path.join(run_dir, "models"),
+            output_dir=os.path.join(run_dir, "eval"), feature_size=preset.feature_size,
+            roi_size=[preset.roi_size] * 3, batch_size=preset.pretrain_batch, num_samples=preset.num_samples,
+            max_epochs=preset.pretrain_epochs, val_interval=preset.pretrain_val_every,
+            warmup_steps=max(1, int(preset.warmup_fraction * steps)), learning_rate=preset.pretrain_lr, cache_rate=1.0,
+            seed=0, **{k: v for k, v in preset.extra.items() if k != "sw_batch_size"},
+        ),  # fmt: skip
+        os.path.join(out_dir, "logs", "pretrain.log"),
+    )
+    curves = os.path.join(run_dir, "eval", "training_curves.png")
+    if os.path.isfile(curves):
+        shutil.copyfile(curves, os.path.join(out_dir, "pretraining_curves.png"))
+    write_json_atomic({"steps": steps, "encoder": encoder}, done)
+    return encoder
+
+
+def shuffled_encoder(encoder: str) -> str:
+    """The control arm's encoder: each tensor of `encoder` with its values randomly permuted (same per-tensor
+    statistics, no learned structure); written once beside it."""
+    import torch
+
+    path = encoder.replace("model_swinvit.pt", "model_swinvit_shuffled.pt")
+    if os.path.isfile(path):
+        return path
+    checkpoint = torch.load(encoder, map_location="cpu", weights_only=True)
+    state = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
+    generator = torch.Generator().manual_seed(0)
+    shuffled = {}
+    for key, tensor in state.items():
+        if torch.is_floating_point(tensor):
+            order = torch.randperm(tensor.numel(), generator=generator)
+            tensor = tensor.flatten()[order].reshape(tensor.shape)
+        shuffled[key] = tensor
+    tmp = f"{path}.partial"
+    torch.save({"state_dict": shuffled} if "state_dict" in checkpoint else shuffled, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def finetune(out_dir: str, preset: Preset, lists: dict[str, str], arm: str, cases: int, seed: int, encoders: dict) -> dict:
+    """One fine-tuning run of the BTCV bundle and its evaluation on the test cases; returns its result row."""
+    name = f"{arm}_n{cases}_s{seed}"
+    run_dir = os.path.join(out_dir, "runs", name)
+    result_path = os.path.join(run_dir, "result.json")
+    if os.path.isfile(result_path):
+        with open(result_path) as f:
+            return json.load(f)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    configs = os.path.join(REPO, "bundles", "swin_unetr_btcv", "configs")
+    steps_per_epoch = cases * 1  # batch_size 1: one step per labelled case
+    common = dict(
+        dataset_dir=os.path.dirname(lists["finetune"]), ckpt_dir=os.path.join(run_dir, "models"),
+        feature_size=preset.feature_size, roi_size=[preset.roi_size] * 3, **preset.extra,
+    )  # fmt: skip
+    bundle_run(
+        ["training", "--config_file", os.path.join(configs, "train.json")]
+        + settings(
+            datalist=lists["finetune"], output_dir=os.path.join(run_dir, "eval"), num_train_cases=cases,
+            batch_size=1, num_samples=preset.num_samples, max_epochs=max(1, preset.finetune_steps // steps_per_epoch),
+            val_interval=max(1, preset.finetune_val_every // steps_per_epoch),
+            warmup_epochs=max(1, int(preset.warmup_fraction * preset.finetune_steps) // steps_per_epoch),
+            learning_rate=preset.finetune_lr, cache_rate=1.0, seed=seed, use_pretrained=arm != "scratch",
+            pretrained_path=encoders.get(arm, encoders["pretrained"]), **common,
+        ),  # fmt: skip
+        os.path.join(out_dir, "logs", f"{name}_train.log"),
+    )
+    test_dir = os.path.join(run_dir, "test")
+    bundle_run(
+        ["--config_file", str([os.path.join(configs, "train.json"), os.path.join(configs, "evaluate.json")])]
+        + settings(datalist=lists["test"], output_dir=test_dir, **common),
+        os.path.join(out_dir, "logs", f"{name}_test.log"),
+    )
+    with open(os.path.join(test_dir, "val_mean_dice_raw.csv")) as f:
+        rows = list(csv.DictReader(f))
+    per_organ = {organ: float(np.nanmean([float(r[f"class{i}"]) for r in rows])) for i, organ in enumerate(ORGANS)}
+    result = {"arm": arm, "labelled_cases": cases, "seed": seed, "mean_dice": float(np.nanmean(list(per_organ.values()))),
+              **per_organ}  # fmt: skip
+    write_json_atomic(result, result_path)
+    return result
+
+
+def call(differences: list[float]) -> str:
+    """The protocol's rule for one comparison of paired differences (one per seed)."""
+    mean = float(np.mean(differences))
+    if mean >= EFFECT_THRESHOLD and all(d > 0 for d in differences):
+        return "better"
+    if mean <= -EFFECT_THRESHOLD and all(d < 0 for d in differences):
+        return "worse"
+    return "no clear difference"
+
+
+def summarise(out_dir: str, results: list[dict]) -> list[dict]:
+    """Writes results.csv, summary.csv and the picture; returns the summary rows."""
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(results[0]))
+        writer.writeheader()
+        writer.writerows(results)
+    by_key = {(r["arm"], r["labelled_cases"], r["seed"]): r["mean_dice"] for r in results}
+    counts = sorted({r["labelled_cases"] for r in results})
+    seeds = sorted({r["seed"] for r in results})
+    summary = []
+    for cases in counts:
+        for arm in ARMS:
+            scores = [by_key[(arm, cases, s)] for s in seeds]
+            row = {"arm": arm, "labelled_cases": cases, "mean_dice": float(np.mean(scores)),
+                   "std_dice": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
+                   "min_dice": min(scores), "max_dice": max(scores)}  # fmt: skip
+            if arm != "scratch":
+                for other in ("scratch",) + (("shuffled",) if arm == "pretrained" else ()):
+                    diffs = [by_key[(arm, cases, s)] - by_key[(other, cases, s)] for s in seeds]
+                    row[f"minus_{other}"] = " ".join(f"{d:+.4f}" for d in diffs)
+                    row[f"vs_{other}"] = call(diffs)
+            summary.append(row)
+    fields = ["arm", "labelled_cases", "mean_dice", "std_dice", "min_dice", "max_dice",
+              "minus_scratch", "vs_scratch", "minus_shuffled", "vs_shuffled"]  # fmt: skip
+    with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(summary)
+    plot(out_dir, summary, counts)
+    return summary
+
+
+def plot(out_dir: str, summary: list[dict], counts: list[int]) -> None:
+    """Mean test Dice against labelled cases, one line per arm, bars spanning the seeds' min to max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for offset, arm in zip((-0.06, 0.0, 0.06), ARMS):
+        rows = [r for r in summary if r["arm"] == arm]
+        x = np.array([r["labelled_cases"] for r in rows], float) * (1 + offset)
+        y = np.array([r["mean_dice"] for r in rows])
+        spread = np.array([[r["mean_dice"] - r["min_dice"] for r in rows], [r["max_dice"] - r["mean_dice"] for r in rows]])
+        ax.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=arm)
+    ax.set_xscale("log")
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.set_xlabel("labelled training cases")
+    ax.set_ylabel("mean test Dice over 13 organs")
+    ax.set_title("Fine-tuning from scratch, pre-trained and shuffled encoders\n(mean over seeds, bars: min to max)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = os.path.join(out_dir, "dice_vs_labelled_cases.partial.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(out_dir, "dice_vs_labelled_cases.png"))
+
+
+def main(preset: str = "cpu", out_dir: str = "experiments/ssl_cpu") -> None:
+    """Runs (or resumes) the experiment with `preset` ("tiny", "cpu" or "gpu") into `out_dir`; prints the summary.
+
+    Args:
+        preset: "tiny" (plumbing, about two minutes), "cpu" (about 90 minutes on 2 cores) or "gpu" (paper-sized).
+        out_dir: where everything goes; an existing one is resumed.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
+    chosen = PRESETS[preset]
+    os.makedirs(out_dir, exist_ok=True)
+    write_json_atomic({"preset": preset, **asdict(chosen)}, os.path.join(out_dir, "preset.json"))
+    lists = prepare_data(out_dir, chosen)
+    print(f"data ready: {os.path.join(out_dir, 'data')}", flush=True)
+    encoder = pretrain(out_dir, chosen, lists["pretrain"])
+    encoders = {"pretrained": encoder, "shuffled": shuffled_encoder(encoder)}
+    print(f"pre-training done: {encoder}", flush=True)
+    results = []
+    for cases in chosen.label_counts:
+        for seed in chosen.seeds:
+            for arm in ARMS:
+                result = finetune(out_dir, chosen, lists, arm, cases, seed, encoders)
+                print(f"{arm:>10} n={cases} seed={seed}: test mean Dice {result['mean_dice']:.4f}", flush=True)
+                results.append(result)
+    summary = summarise(out_dir, results)
+    for row in summary:
+        calls = ", ".join(f"{k}: {row[k]} ({row['minus_' + k[3:]]})" for k in ("vs_scratch", "vs_shuffled") if k in row)
+        print(f"{row['arm']:>10} n={row['labelled_cases']}: {row['mean_dice']:.4f} +- {row['std_dice']:.4f}  {calls}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)

@@ -1,0 +1,107 @@
+"""The SSL experiment's runner, end to end on its tiny preset: data, pre-training, three arms, summary, resume."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import ssl_experiment
+
+
+@pytest.mark.parametrize("differences, verdict", [
+    ([0.03, 0.01, 0.05], "better"),
+    ([0.10, 0.05, -0.001], "no clear difference"),  # one seed disagrees
+    ([0.01, 0.01, 0.01], "no clear difference"),  # consistent but below the threshold
+    ([-0.02, -0.03, -0.04], "worse"),
+])  # fmt: skip
+def test_protocol_rule(differences, verdict):
+    assert ssl_experiment.call(differences) == verdict
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ssl_tiny")
+    ssl_experiment.main(preset="tiny", out_dir=str(out))
+    return out
+
+
+def test_every_arm_count_and_seed_is_scored_on_the_test_cases(tiny_run):
+    preset = ssl_experiment.PRESETS["tiny"]
+    rows = list(csv.DictReader(open(tiny_run / "results.csv")))
+    expected = {(arm, str(n), str(s)) for arm in ssl_experiment.ARMS for n in preset.label_counts for s in preset.seeds}
+    assert {(r["arm"], r["labelled_cases"], r["seed"]) for r in rows} == expected
+    for row in rows:
+        assert 0.0 <= float(row["mean_dice"]) <= 1.0
+        assert set(ssl_experiment.ORGANS) <= set(row)
+    summary = list(csv.DictReader(open(tiny_run / "summary.csv")))
+    pretrained = [r for r in summary if r["arm"] == "pretrained"]
+    assert all(r["vs_scratch"] in ("better", "worse", "no clear difference") and r["vs_shuffled"] for r in pretrained)
+    hardness = json.loads((tiny_run / "data" / "hardness.json").read_text())
+    assert 0.0 < hardness["hu_lookup_mean_dice"] < 1.0 and 0.0 < hardness["mean_crop_overlap"] <= 1.0
+    for picture in ("dice_vs_labelled_cases.png", "pretraining_curves.png"):
+        assert (tiny_run / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_differ_only_in_their_public_settings(tiny_run):
+    """Each arm starts from what it says (the log of the bundle names the encoder it loaded), the labelled count
+    and seed reach the bundle, and the test evaluation reads the test list."""
+    logs = tiny_run / "logs"
+    pretrained = str(tiny_run / "pretrain" / "models" / "model_swinvit.pt")
+    shuffled = pretrained.replace("model_swinvit.pt", "model_swinvit_shuffled.pt")
+    for n in ssl_experiment.PRESETS["tiny"].label_counts:
+        scratch_log = (logs / f"scratch_n{n}_s0_train.log").read_text()
+        assert "encoder tensors from" not in scratch_log and f"> num_train_cases: {n}" in scratch_log
+        assert f"encoder tensors from {pretrained}" in (logs / f"pretrained_n{n}_s0_train.log").read_text()
+        assert f"encoder tensors from {shuffled}" in (logs / f"shuffled_n{n}_s0_train.log").read_text()
+        assert str(tiny_run / "data" / "test.json") in (logs / f"scratch_n{n}_s0_test.log").read_text()
+
+
+def test_control_encoder_has_the_same_values_in_another_order(tiny_run):
+    models = tiny_run / "pretrain" / "models"
+    trained = torch.load(models / "model_swinvit.pt", weights_only=True)["state_dict"]
+    shuffled = torch.load(models / "model_swinvit_shuffled.pt", weights_only=True)["state_dict"]
+    assert trained.keys() == shuffled.keys()
+    reordered = 0
+    for key, tensor in trained.items():
+        assert shuffled[key].shape == tensor.shape
+        torch.testing.assert_close(shuffled[key].flatten().sort().values, tensor.flatten().sort().values)
+        reordered += not torch.equal(shuffled[key], tensor)
+    assert reordered > len(trained) // 2
+
+
+def test_a_finished_experiment_resumes_without_running_anything(tiny_run, monkeypatch):
+    before = (tiny_run / "results.csv").read_text()
+
+    def no_runs(*args, **kwargs):
+        raise AssertionError("a finished step ran again")
+
+    monkeypatch.setattr(ssl_experiment, "bundle_run", no_runs)
+    ssl_experiment.main(preset="tiny", out_dir=str(tiny_run))
+    assert (tiny_run / "results.csv").read_text() == before
+    assert json.loads((tiny_run / "preset.json").read_text())["preset"] == "tiny"
+
+
+def test_an_unfinished_run_is_run_again(tiny_run, monkeypatch):
+    """A run whose result file is missing (killed before its evaluation finished) starts again from scratch."""
+    result = tiny_run / "runs" / "shuffled_n1_s0" / "result.json"
+    kept = result.read_text()
+    result.unlink()
+    calls = []
+
+    def record(args, log_path):
+        calls.append(log_path)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ssl_experiment, "bundle_run", record)
+    with pytest.raises(RuntimeError, match="stop here"):
+        ssl_experiment.main(preset="tiny", out_dir=str(tiny_run))
+    assert calls == [str(tiny_run / "logs" / "shuffled_n1_s0_train.log")]
+    assert not (tiny_run / "runs" / "shuffled_n1_s0").exists()  # the unfinished run's files are cleared first
+    result.parent.mkdir(parents=True)
+    result.write_text(kept)
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ValueError, match="preset must be one of \\['cpu', 'gpu', 'tiny'\\], got 'huge'"):
+        ssl_experiment.main(preset="huge", out_dir="unused")
