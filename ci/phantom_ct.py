@@ -119,10 +119,10 @@ def make_phantom(seed: int, fov_scale: float = 1.0) -> tuple[np.ndarray, np.ndar
     def box(centre_mm: np.ndarray, half_mm: np.ndarray) -> tuple[slice, ...]:
         """Voxel slices covering world centre +- half (plus the deformation's reach)."""
         reach = np.asarray(half_mm) + 3.0 * bend
-        ends = [sorted(((centre_mm[d] + s * reach[d]) - affine[d, 3]) / affine[d, d] for s in (-1, 1)) for d in range(3)]
+        ends = [sorted((centre_mm[d] + s * reach[d] - affine[d, 3]) / affine[d, d] for s in (-1, 1)) for d in range(3)]
         return tuple(slice(max(0, int(lo)), min(shape[d], int(np.ceil(hi)) + 1)) for d, (lo, hi) in enumerate(ends))
 
-    def paint(distance_mm: np.ndarray, hu: np.ndarray | float, where: tuple[slice, ...] = (slice(None),) * 3) -> np.ndarray:
+    def paint(distance_mm: np.ndarray, hu: np.ndarray | float, where: tuple[slice, ...] = (slice(None),) * 3):
         """Blends `hu` into image[where] by the partial-volume occupancy of {distance <= 0}; returns that occupancy."""
         occ = np.clip(0.5 - distance_mm / edge, 0.0, 1.0)
         image[where] = image[where] * (1.0 - occ) + hu * occ
@@ -137,15 +137,18 @@ def make_phantom(seed: int, fov_scale: float = 1.0) -> tuple[np.ndarray, np.ndar
     spine_y = -0.72 * half_axes[1]
     paint(np.sqrt(xw**2 + (yw - spine_y) ** 2) - 20.0, 350.0 + 120.0 * texture)
     for side in (-1.0, 1.0):
-        psoas = np.sqrt(((xw - side * 40.0) / (14.0 + 0.06 * np.clip(40.0 - zw, 0, 200))) ** 2 + ((yw - spine_y + 5.0) / 16.0) ** 2)
+        width = 14.0 + 0.06 * np.clip(40.0 - zw, 0, 200)  # the psoas widens downwards
+        psoas = np.sqrt(((xw - side * 40.0) / width) ** 2 + ((yw - spine_y + 5.0) / 16.0) ** 2)
         paint((psoas - 1.0) * 14.0, MUSCLE_HU + 10.0 * texture)
 
     # Bowel loops: unlabelled blobs of organ-like HU, some with gas, in the lower and anterior cavity.
     for _ in range(int(rng.integers(14, 26))):
-        centre = np.array([rng.uniform(-0.6, 0.6) * half_axes[0], rng.uniform(-0.2, 0.6) * half_axes[1], rng.uniform(-120, 30) * fov_scale])
+        centre = np.array([rng.uniform(-0.6, 0.6), rng.uniform(-0.2, 0.6), 0.0]) * [*half_axes, 1.0]
+        centre[2] = rng.uniform(-120, 30) * fov_scale
         radius = rng.uniform(10.0, 24.0) * fov_scale
         where = box(centre, np.array([radius, radius, 1.5 * radius]) + edge)
-        blob = np.sqrt((xw[where] - centre[0]) ** 2 + (yw[where] - centre[1]) ** 2 + ((zw[where] - centre[2]) / 1.5) ** 2)
+        dz = (zw[where] - centre[2]) / 1.5  # loops are longer along the body axis
+        blob = np.sqrt((xw[where] - centre[0]) ** 2 + (yw[where] - centre[1]) ** 2 + dz**2)
         hu = rng.uniform(-10.0, 60.0) + phase * rng.uniform(0.0, 60.0)
         paint(blob - radius, hu + 15.0 * texture[where], where)
         if rng.uniform() < 0.35:
@@ -269,11 +272,14 @@ def hardness(dataset_dir: str, roi: int = 64) -> dict[str, float]:
         resampled = np.round(np.array(extent) * np.abs(np.diag(img.affine)[:3]) / np.array([1.5, 1.5, 2.0])).astype(int)
         sizes.append(np.prod(resampled) / roi**3)
         overlaps.append(crop_overlap(np.zeros(resampled, np.uint8), roi))
-    return {"hu_lookup_mean_dice": scores["mean"], "mean_crop_overlap": float(np.mean(overlaps)),
-            "volume_in_rois": float(np.mean(sizes)), **{f"hu_lookup_dice/{k}": v for k, v in scores.items() if k != "mean"}}  # fmt: skip
+    figures = {"hu_lookup_mean_dice": scores["mean"], "mean_crop_overlap": float(np.mean(overlaps))}
+    figures["volume_in_rois"] = float(np.mean(sizes))
+    figures.update({f"hu_lookup_dice/{organ}": dice for organ, dice in scores.items() if organ != "mean"})
+    return figures
 
 
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"generate": generate, "hardness": hardness}) if sys.argv[1:2] in (["generate"], ["hardness"]) else fire.Fire(generate)
+    commands = {"generate": generate, "hardness": hardness}
+    fire.Fire(commands if sys.argv[1:2] in (["generate"], ["hardness"]) else generate)

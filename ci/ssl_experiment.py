@@ -97,7 +97,8 @@ def bundle_run(args: list[str], log_path: str) -> None:
     """`python -m monai.bundle run ARGS`, output to `log_path`; a failure raises with the log's tail."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w") as log:
-        status = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], stdout=log, stderr=subprocess.STDOUT)
+        command = [sys.executable, "-m", "monai.bundle", "run", *args]
+        status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if status.returncode:
         with open(log_path) as log:
             tail = "".join(log.readlines()[-25:])
@@ -106,7 +107,8 @@ def bundle_run(args: list[str], log_path: str) -> None:
 
 def settings(**values: object) -> list[str]:
     """`--key value` pairs as `monai.bundle run` parses them (Python literals)."""
-    return [item for key, value in values.items() for item in (f"--{key}", repr(value) if not isinstance(value, str) else value)]
+    pairs = [(f"--{key}", value if isinstance(value, str) else repr(value)) for key, value in values.items()]
+    return [item for pair in pairs for item in pair]
 
 
 def prepare_data(out_dir: str, preset: Preset) -> dict[str, str]:
@@ -120,7 +122,8 @@ def prepare_data(out_dir: str, preset: Preset) -> dict[str, str]:
     labelled = phantom_ct.generate(
         os.path.join(data, "labelled"), max(preset.label_counts) + preset.num_val, preset.num_test, 1, preset.fov_scale
     )
-    unlabelled = phantom_ct.generate(os.path.join(data, "unlabelled"), preset.num_unlabelled + 1, 0, 2, preset.fov_scale)
+    unlabelled = os.path.join(data, "unlabelled")
+    phantom_ct.generate(unlabelled, preset.num_unlabelled + 1, 0, 2, preset.fov_scale)
     with open(os.path.join(labelled, "dataset.json")) as f:
         cases = json.load(f)
     absolute = lambda items: [{k: os.path.join(labelled, v) for k, v in c.items()} for c in items]  # noqa: E731
@@ -189,8 +192,18 @@ def shuffled_encoder(encoder: str) -> str:
     return path
 
 
-def finetune(out_dir: str, preset: Preset, lists: dict[str, str], arm: str, cases: int, seed: int, encoders: dict) -> dict:
-    """One fine-tuning run of the BTCV bundle and its evaluation on the test cases; returns its result row."""
+def finetune(out_dir: str, preset: Preset, lists: dict, arm: str, cases: int, seed: int, encoders: dict) -> dict:
+    """One fine-tuning run of the BTCV bundle and its evaluation on the test cases; returns its result row.
+
+    Args:
+        out_dir: the experiment's folder.
+        preset: the experiment's size.
+        lists: datalist paths from `prepare_data`.
+        arm: "scratch", "pretrained" or "shuffled".
+        cases: labelled training cases (`num_train_cases`).
+        seed: the run's `seed`.
+        encoders: encoder file per arm that starts from one.
+    """
     name = f"{arm}_n{cases}_s{seed}"
     run_dir = os.path.join(out_dir, "runs", name)
     result_path = os.path.join(run_dir, "result.json")
@@ -225,8 +238,8 @@ def finetune(out_dir: str, preset: Preset, lists: dict[str, str], arm: str, case
     with open(os.path.join(test_dir, "val_mean_dice_raw.csv")) as f:
         rows = list(csv.DictReader(f))
     per_organ = {organ: float(np.nanmean([float(r[f"class{i}"]) for r in rows])) for i, organ in enumerate(ORGANS)}
-    result = {"arm": arm, "labelled_cases": cases, "seed": seed, "mean_dice": float(np.nanmean(list(per_organ.values()))),
-              **per_organ}  # fmt: skip
+    mean_dice = float(np.nanmean(list(per_organ.values())))
+    result = {"arm": arm, "labelled_cases": cases, "seed": seed, "mean_dice": mean_dice, **per_organ}
     write_json_atomic(result, result_path)
     return result
 
@@ -285,7 +298,8 @@ def plot(out_dir: str, summary: list[dict], counts: list[int]) -> None:
         rows = [r for r in summary if r["arm"] == arm]
         x = np.array([r["labelled_cases"] for r in rows], float) * (1 + offset)
         y = np.array([r["mean_dice"] for r in rows])
-        spread = np.array([[r["mean_dice"] - r["min_dice"] for r in rows], [r["max_dice"] - r["mean_dice"] for r in rows]])
+        below, above = [r["mean_dice"] - r["min_dice"] for r in rows], [r["max_dice"] - r["mean_dice"] for r in rows]
+        spread = np.array([below, above])
         ax.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=arm)
     ax.set_xscale("log")
     ax.set_xticks(counts, [str(c) for c in counts])
@@ -310,6 +324,7 @@ def main(preset: str = "cpu", out_dir: str = "experiments/ssl_cpu") -> None:
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
     chosen = PRESETS[preset]
+    out_dir = os.path.abspath(out_dir)  # the datalists hold absolute paths, valid from any working folder
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic({"preset": preset, **asdict(chosen)}, os.path.join(out_dir, "preset.json"))
     lists = prepare_data(out_dir, chosen)

@@ -230,7 +230,7 @@ def test_training_stops_at_a_non_finite_loss(bundle):
 @pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
 def test_cpu_fine_tuning_keeps_freed_memory_and_trains_one_patch_per_pass(bundle, device, on_cpu):
     """The CPU defaults that made a 4-patch step faster than one pass without the pool, and the last upsampling folded
-    into the convolutions after it, which made it faster and smaller again (README, Performance)."""
+    into the convolutions after it, which made it faster and smaller again (docs/performance.md)."""
     from monai.bundle import ConfigParser
 
     with _scripts_of(bundle):
@@ -261,7 +261,7 @@ def test_cpu_fine_tuning_keeps_freed_memory_and_trains_one_patch_per_pass(bundle
 def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bundle, device, on_cpu):
     """Float32 CPU inference swaps the norms, keeps convolution weights channels-last, folds the last upsampling into
     the convolutions after it, normalises a single-channel image's residual branch in closed form, computes large 3^3
-    convolutions with Winograd's F(4,3) and reuses attention masks (README, Performance); CUDA keeps MONAI's network
+    convolutions with Winograd's F(4,3) and reuses attention masks (docs/performance.md); CUDA keeps MONAI's network
     as is."""
     from monai.bundle import ConfigParser
 
@@ -308,7 +308,7 @@ def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bund
 @pytest.mark.parametrize("device, on_cpu", [("cpu", True), ("cuda:0", False)])
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
 def test_cpu_training_computes_window_attention_in_groups_of_windows(bundle, device, on_cpu):
-    """CPU training switches `network_def`'s window attention in `run` (README, Performance), before the trainer runs,
+    """CPU training switches `network_def`'s window attention in `run` (docs/performance.md), before the trainer runs,
     so that `multi_gpu_train.json` and MONAI Label, which use train.json's run, get it too, and reuses attention masks
     (evaluation too); CUDA keeps MONAI's blocks."""
     from monai.bundle import ConfigParser
@@ -331,3 +331,11 @@ def test_cpu_training_computes_window_attention_in_groups_of_windows(bundle, dev
         assert ("ChunkedWindowAttention" in types) is on_cpu and ("WindowAttention" in types) is not on_cpu
         multi_gpu = json.loads((BUNDLES / bundle / "configs" / "multi_gpu_train.json").read_text())
         assert multi_gpu["network"]["module"] == "$@network_def.to(@device)" and "run" not in multi_gpu
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_changelog_entries_are_one_short_line(bundle):
+    """As in the Model Zoo: a changelog entry says what changed in one line; measurements live in docs/."""
+    changelog = json.loads((BUNDLES / bundle / "configs" / "metadata.json").read_text())["changelog"]
+    long = {version: len(text) for version, text in changelog.items() if len(text) > 120 or "\n" in text}
+    assert not long, f"entries over 120 characters: {long}"

@@ -5,10 +5,9 @@ import os
 
 import nibabel as nib
 import numpy as np
+import phantom_ct
 import pytest
 from conftest import synthetic_ct
-
-import phantom_ct
 
 
 @pytest.fixture(scope="module")

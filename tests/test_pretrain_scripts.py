@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import monai.transforms
 import torch.nn.functional as F
 from conftest import BUNDLES, load_bundle_scripts, synthetic_ct
 from monai.bundle import ConfigParser
@@ -254,6 +255,19 @@ def test_uniform_cutout_budget_varies_up_to_the_maximum():
     assert 0.1 < np.mean(shares["uniform"]) < 0.2
     with pytest.raises(ValueError, match="cutout_budget must be one of \\('max', 'uniform'\\), got 'half'"):
         transforms.RandInnerCutoutd(keys="view", budget="half")
+
+
+@pytest.mark.parametrize("pixdim, expected", [([1.5, 1.5, 2.0], [1.5, 1.5, 2.0]), ([-1, -1, -1], [1.0, 1.0, 2.5])])
+def test_pixdim_resamples_or_keeps_the_images_spacing(pixdim, expected, tmp_path):
+    """The model card's way to pre-train without resampling, as the released code does: non-positive `pixdim`."""
+    image, _, affine = synthetic_ct.make_case(seed=0, shape=(48, 44, 12), spacing=(1.0, 1.0, 2.5))
+    synthetic_ct.save_nifti(image, affine, str(tmp_path / "ct.nii.gz"))
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "swin_unetr_pretrain" / "configs" / "train.json"))
+    parser.update({"pixdim": pixdim, "bundle_root": str(tmp_path)})
+    resample = monai.transforms.Compose(parser.get_parsed_content("train#deterministic_transforms")[:3])
+    out = resample({"image": str(tmp_path / "ct.nii.gz")})["image"]
+    np.testing.assert_allclose(out.pixdim.tolist(), expected, atol=1e-5)
 
 
 def test_cutout_rejects_bad_fraction():

@@ -2,11 +2,11 @@
 
 import csv
 import json
+import os
 
 import pytest
-import torch
-
 import ssl_experiment
+import torch
 
 
 @pytest.mark.parametrize("differences, verdict", [
@@ -21,8 +21,14 @@ def test_protocol_rule(differences, verdict):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """The tiny preset, given a relative out_dir as a user would type it."""
     out = tmp_path_factory.mktemp("ssl_tiny")
-    ssl_experiment.main(preset="tiny", out_dir=str(out))
+    here = os.getcwd()
+    os.chdir(out.parent)
+    try:
+        ssl_experiment.main(preset="tiny", out_dir=out.name)
+    finally:
+        os.chdir(here)
     return out
 
 

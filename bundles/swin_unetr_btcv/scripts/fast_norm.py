@@ -1,22 +1,19 @@
 """Instance norm through PyTorch's group-norm kernel, for faster float32 inference on a CPU with the same outputs.
 
-PyTorch computes `nn.InstanceNorm3d` on a CPU through batch norm over a reshaped input, which ran ~3.4x slower than
-its group-norm kernel on SwinUNETR's full-resolution feature maps (91 vs 24 ms for 48 x 96^3 on 2 cores, both within
-1e-6 of a float64 computation); a group norm with one channel per group is the same normalisation. Swapping the
-norms took a float32 96^3 window from ~4.1 to ~3.85 s.
+PyTorch computes `nn.InstanceNorm3d` on a CPU through batch norm over a reshaped input, which is slower than its
+group-norm kernel on SwinUNETR's full-resolution feature maps; a group norm with one channel per group is the same
+normalisation (both within 1e-6 of a float64 computation).
 
-Channels-last maps (`cpu_channels_last`, under which oneDNN's 3^3 convolutions ran ~30% faster on full-resolution
-maps) are normalised here instead: PyTorch's group-norm and batch-norm kernels on channels-last maps were 1e-3 to
-5e-3 off a float64 computation (one-pass sums of squares), MONAI's instance norm copies them to channels-first. The
+Channels-last maps (`cpu_channels_last`, under which oneDNN's 3^3 convolutions are faster on full-resolution maps)
+are normalised here instead: PyTorch's group-norm and batch-norm kernels on channels-last maps were 1e-3 to 5e-3 off
+a float64 computation (one-pass sums of squares), and MONAI's instance norm copies them to channels-first. The
 statistics are taken per depth slice, centred within the slice while it is in cache, and combined exactly (Chan et
-al.'s pairwise update), then one pass writes the output: ~1e-6 off float64, at about twice the group-norm kernel's
-time (~45 against ~21 ms on a 48 x 96^3 map), which the convolutions more than repay: a float32 96^3 window took
-3.15 instead of 3.46 s on 2 cores, one 128 x 128 x 96 CT 12.5 instead of 13.5 s.
+al.'s pairwise update), then one pass writes the output: ~1e-6 off float64.
 
-The swap gained nothing measurable in training (bfloat16 forward, gradient checkpointing), so only inference and
-evaluation use it, and the channels-last path runs without gradients only. Parameter names and values are unchanged,
-so checkpoints load either way. This file is a bundle-local copy (identical in the fine-tuning bundles) so each bundle
-works when copied alone.
+The swap gained nothing measurable in training, so only inference and evaluation use it, and the channels-last path
+runs without gradients only. Parameter names and values are unchanged, so checkpoints load either way. Measurements:
+`docs/performance.md` in the repository. This file is a bundle-local copy (identical in the fine-tuning bundles) so
+each bundle works when copied alone.
 """
 
 from __future__ import annotations

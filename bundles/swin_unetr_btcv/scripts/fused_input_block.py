@@ -2,16 +2,15 @@
 inference with the same outputs.
 
 `encoder1` (MONAI's `UnetrBasicBlock` around a `UnetResBlock`) reads the image twice: a 3^3 convolution to
-`feature_size` channels, and a 1^3 residual convolution followed by an instance norm. On a float32 96^3 window
-(feature 48, 2 cores) these cost more than their arithmetic:
+`feature_size` channels, and a 1^3 residual convolution followed by an instance norm. These cost more than their
+arithmetic:
 - For one image with one channel, PyTorch picks its reference convolution over oneDNN (a size heuristic meant for
-  small 2-D maps): ~32 ms for the 3^3 and ~63 ms for the 1^3 convolution, against ~9 ms for the 3^3 one through
-  oneDNN. Their channels-first outputs then cost a 30 ms copy to channels-last before the next convolution and a
-  47 ms add across layouts.
+  small 2-D maps), and their channels-first outputs then need a copy to channels-last before the next convolution
+  and an add across layouts. Here the 3^3 convolution goes through oneDNN.
 - The residual branch is a per-channel multiple w_c x of the image, so its instance norm has a closed form,
   w_c (x - mean(x)) / sqrt(w_c^2 var(x) + eps), with the image's statistics taken in float64. It is added in place
-  in one pass, instead of a 170 MB convolution output, its norm and the add.
-The block took ~0.30 instead of ~0.39 s per window (one CT ~6% faster), within float32 rounding of MONAI's.
+  in one pass, instead of a full-resolution convolution output, its norm and the add.
+Outputs are within float32 rounding of MONAI's (measurements: `docs/performance.md` in the repository).
 
 Only float32 maps without gradients take this path (inference and evaluation; the opt-in bfloat16 autocast and
 training run MONAI's forward). Parameter names and values are unchanged, so checkpoints load either way. This file

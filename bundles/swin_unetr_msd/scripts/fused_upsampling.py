@@ -7,16 +7,16 @@ linear, so what the two convolutions make of the upsampled half is itself a tran
 half-resolution input: 4^3 taps, stride 2 and padding 1 for the 3^3 convolution (per dimension, upsampling tap q
 and convolution tap k meet in tap q - k + 2), 2^3 taps for the residual one. On a full-resolution block (SwinUNETR's
 `decoder1`, feature 48, 96^3 window) this replaces 114 GFLOP of the 3^3 convolution and the upsampling by 33 GFLOP
-and drops the 170 MB upsampled map and the 340 MB concatenation: oneDNN's convolutions already run near the float32
-peak of a CPU, so less arithmetic is what makes them faster (a 128 x 128 x 96 CT ~7% faster; README, Performance).
+and drops the full-resolution upsampled map and concatenation: oneDNN's convolutions already run near the float32
+peak of a CPU, so less arithmetic is what makes them faster (measurements: `docs/performance.md` in the repository).
 
 Only blocks where the folded convolution does at most half the arithmetic are folded (input channels at most 27/16 of
 the upsampled channels: `decoder1`). SwinUNETR's other decoder blocks upsample twice as many channels as they keep:
-folded, `decoder2` measured no faster and `decoder3` to `decoder5` slower (composing their larger weights costs
-more than it saves on their smaller maps). Weights are composed on every call (milliseconds for `decoder1`), so they
+folded, `decoder2` was no faster and `decoder3` to `decoder5` slower (composing their larger weights costs
+more than it saves on their smaller maps). Weights are composed on every call, so they
 follow any checkpoint loaded after the swap, and in training the gradients flow through the composition to the
-block's own weights; the backward pass keeps neither the upsampled map nor the concatenation (a 4-patch bfloat16
-fine-tuning step ~5.0 instead of ~6.4 GB at its peak, ~6% faster). Parameter names and values are unchanged. This
+block's own weights; the backward pass keeps neither the upsampled map nor the concatenation, which lowers the peak memory of a
+fine-tuning step. Parameter names and values are unchanged. This
 file is a bundle-local copy (identical in the fine-tuning bundles) so each bundle works when copied alone.
 """
 

@@ -1,8 +1,8 @@
 """Training on a batch of patches a few at a time, for the same step with less memory per pass.
 
 A fine-tuning step takes `batch_size * num_samples` patches (4 by default). Through SwinUNETR in one pass, the
-activations of all of them are alive at once: a 4-patch bfloat16 step at feature 48 and 96^3 peaked at ~9 GB on a
-2-core CPU, and most of its time went to the kernel handing out fresh memory. `PatchwiseIteration` runs MONAI's own
+activations of all of them are alive at once, and on a CPU most of the step's time goes to the kernel handing out
+fresh memory. `PatchwiseIteration` runs MONAI's own
 training iteration (`SupervisedTrainer._iteration`: forward, loss, backward) on `patches_per_pass` patches at a
 time, so only one group's activations are alive at once, and lets the optimizer step once, on the gradients summed
 over the groups with the loss of each group weighted by its share of the batch. The network normalises every patch

@@ -1,21 +1,20 @@
 """3^3 convolutions with half the multiplications along one axis (Winograd's F(4,3)), for faster float32 inference
 on a CPU with the same outputs within float32 rounding.
 
-oneDNN runs SwinUNETR's 3^3 convolutions at about the float32 peak of a CPU (~500 GFLOP/s on 2 Zen 5 cores), so only
-less arithmetic makes them faster. Winograd's minimal filtering (Lavin and Gray, CVPR 2016) computes 4 outputs of a
+oneDNN runs SwinUNETR's 3^3 convolutions at about the float32 peak of a CPU, so only less arithmetic makes them
+faster. Winograd's minimal filtering (Lavin and Gray, CVPR 2016) computes 4 outputs of a
 3-tap filter from 6 products instead of 12. Along the last axis:
 - the input becomes 6 maps of a quarter of its width, each a sum of every 4th column with small integer weights;
 - each is convolved by oneDNN with a 3 x 3 x 1 kernel, the 3^3 kernel's taps along that axis combined likewise;
 - the 6 results combine into the 4 columns of each output tile.
 Neither PyTorch nor oneDNN computes 3-D convolutions this way (oneDNN's Winograd convolutions are 2-D 3 x 3 only), so
 the transforms are written here with PyTorch's elementwise operations around oneDNN's 3 x 3 x 1 convolutions.
-A 48 -> 48 convolution of a 96^3 map took ~155 instead of ~194 ms (the transforms ~45 ms of it), a float32 96^3
-window of SwinUNETR (feature 48, 2 cores) 1.58 instead of 1.74 s. Outputs are within ~3e-5 of a float64 computation
-for values up to ~6 (oneDNN's own: ~1e-5).
+Outputs are within ~3e-5 of a float64 computation for values up to ~6 (oneDNN's own: ~1e-5); measurements:
+`docs/performance.md` in the repository.
 
 Only float32 channels-last maps without gradients take this path (inference and evaluation), with a last axis of a
-multiple of 4, at least `MIN_VOXELS` voxels and `MIN_CHANNELS` input channels: smaller or narrower maps measured no
-faster or slower. Parameter names and values are unchanged, so checkpoints load either way. This file is a
+multiple of 4, at least `MIN_VOXELS` voxels and `MIN_CHANNELS` input channels: smaller or narrower maps were no faster
+or slower. Parameter names and values are unchanged, so checkpoints load either way. This file is a
 bundle-local copy (identical in the fine-tuning bundles) so each bundle works when copied alone.
 """
 

@@ -3,17 +3,14 @@
 While gradients are needed, MONAI's `WindowAttention` materialises the attention weights of all windows of a block at
 once (its SDPA path is for inference only, and PyTorch's fused CPU attention has no gradient for the additive bias
 that carries the learned relative-position table): on a 96^3 patch the first stage has 343 windows x 3 heads x 343^2
-float32 weights, ~460 MB per tensor and several per block. Under `cpu_memory_pool` glibc seldom finds such a block
-free in its heap and extends the heap instead: a fine-tuning step's heap grew to ~7 GB around at most ~3 GB of live
-tensors, a pre-training step's to ~8 GB. Running MONAI's own forward on groups of windows whose weights take at most
-`attention_chunk_mb` each gives the same outputs and gradients (each window is attended on its own) and kept those
-heaps at ~4.5 GB.
+float32 weights, hundreds of MB per tensor and several per block. Under `cpu_memory_pool` glibc seldom finds such a
+block free in its heap and extends the heap instead, to more than twice the live tensors. Running MONAI's own forward
+on groups of windows whose weights take at most `attention_chunk_mb` each gives the same outputs and gradients (each
+window is attended on its own) and keeps the heap close to the live tensors.
 
-MONAI's `BasicLayer` rebuilds the shifted-window attention mask (windows x tokens^2 values, 161 MB for the first
-stage of a 96^3 window, and as many again in temporaries) on every forward pass, although it depends only on the
-padded grid, window and shift sizes: ~0.2 s of a ~3.2 s float32 96^3 window on a 2-core CPU, and in training on
-every patch, where the allocations also grow the memory pool's heap (one-patch fine-tuning steps: 6.6-7.1 s at
-5.4-5.5 GB with reused masks, 7.7 s at 5.9-6.1 GB without). `cache_attention_masks` memoises MONAI's `compute_mask`
+MONAI's `BasicLayer` rebuilds the shifted-window attention mask (windows x tokens^2 values, and as many again in
+temporaries) on every forward pass, although it depends only on the padded grid, window and shift sizes; in training
+it does so on every patch, where the allocations also grow the memory pool's heap. `cache_attention_masks` memoises MONAI's `compute_mask`
 (the module attribute `BasicLayer` looks up on each call), since MONAI offers no way to pass a precomputed mask.
 
 This file is a bundle-local copy (identical in all three bundles) so each bundle works when copied alone.
