@@ -86,7 +86,10 @@ def make_data(root: str, max_runs: int) -> dict:
         lists = {
             f"btcv_train_{runs}": {"training": [case] * runs, "validation": [case]},
             f"btcv_infer_{runs}": {"testing": [{"image": case["image"]}] * runs},
-            f"ssl_train_{runs}": {"training": [{"image": "img0001.nii.gz"}] * runs, "validation": [{"image": "img0001.nii.gz"}]},
+            f"ssl_train_{runs}": {
+                "training": [{"image": "img0001.nii.gz"}] * runs,
+                "validation": [{"image": "img0001.nii.gz"}],
+            },
         }
         for key, content in lists.items():
             data[key] = os.path.join(root, f"{key}.json")
@@ -159,13 +162,20 @@ def measure(name: str, variant: str, data: dict, iterations: int, work: str, shi
         raise RuntimeError(f"{name}/{variant} failed:\n{stderr[-3000:]}")
     with open(result) as f:
         timings = json.load(f)
-    return {"iterations": timings["iterations"], "peak_rss_gb": usage.ru_maxrss / 1024**2, "peak_gpu_gb": timings["peak_gpu_gb"]}
+    return {
+        "iterations": timings["iterations"],
+        "peak_rss_gb": usage.ru_maxrss / 1024**2,
+        "peak_gpu_gb": timings["peak_gpu_gb"],
+    }
 
 
 def machine() -> str:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; {gpu}; "
             f"Python {platform.python_version()}, torch {torch.__version__}")  # fmt: skip
@@ -177,15 +187,22 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds per workload")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations per process, after 1 warm-up")
-    parser.add_argument("--shipped_overrides", type=json.loads, default={},
-                        help='settings for the shipped and opt_in variants, to try one out: \'{"use_checkpoint": false}\'')
+    parser.add_argument(
+        "--shipped_overrides",
+        type=json.loads,
+        default={},
+        help="settings for the shipped and opt_in variants, to try one out: '{\"use_checkpoint\": false}'",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
-    print(f"machine: {machine()}" + (f"; shipped with {args.shipped_overrides}" if args.shipped_overrides else ""), flush=True)
+    print(
+        f"machine: {machine()}" + (f"; shipped with {args.shipped_overrides}" if args.shipped_overrides else ""),
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="swin_bench_") as root:
         data = make_data(root, args.iterations + 1)
         rows = []
@@ -207,18 +224,28 @@ def main() -> None:
                         results[variant][peak] = max(results[variant][peak], r[peak] or 0.0)
                     times = ", ".join(f"{t:.3g}" for t in r["iterations"])
                     gpu = f", peak GPU memory {r['peak_gpu_gb']:.2f} GB" if r["peak_gpu_gb"] is not None else ""
-                    print(f"{name} round {round_ + 1} {variant}: {times} s, peak RSS {r['peak_rss_gb']:.2f} GB{gpu}", flush=True)
-            medians = {v: statistics.median(results[v]["iterations"]) for v in args.variants if results[v]["iterations"]}
-            peaks = {v: f"{results[v]['peak_rss_gb']:.1f}" + (f", GPU {results[v]['peak_gpu_gb']:.1f}" if results[v]["peak_gpu_gb"] else "")
-                     for v in args.variants}  # fmt: skip
+                    print(
+                        f"{name} round {round_ + 1} {variant}: {times} s, peak RSS {r['peak_rss_gb']:.2f} GB{gpu}",
+                        flush=True,
+                    )
+            medians = {
+                v: statistics.median(results[v]["iterations"]) for v in args.variants if results[v]["iterations"]
+            }
+            peaks = {}
+            for v in args.variants:
+                gpu = results[v]["peak_gpu_gb"]
+                peaks[v] = f"{results[v]['peak_rss_gb']:.1f}" + (f", GPU {gpu:.1f}" if gpu else "")
             rows.append((name, medians, peaks))
     pairs = [(fast, ref) for fast in ("shipped", "opt_in") for ref in ("reference", "reference_tuned")]
     print("\n| workload | " + " | ".join(f"{v} median s (peak GB)" for v in args.variants) + " | "
           + " | ".join(f"{fast} vs {ref}" for fast, ref in pairs) + " |")  # fmt: skip
     print("|---" * (len(args.variants) + len(pairs) + 1) + "|")
     for name, medians, rss in rows:
-        cells = " | ".join(f"{medians[v]:.3g} ({rss[v]})" if v in medians else "none" if v == "opt_in" and not OPT_IN[name]
-                           else f"killed ({rss[v]})" for v in args.variants)  # fmt: skip
+        cells = " | ".join(
+            f"{medians[v]:.3g} ({rss[v]})" if v in medians else "none" if v == "opt_in" and not OPT_IN[name]
+            else f"killed ({rss[v]})"
+            for v in args.variants
+        )  # fmt: skip
         ratios = " | ".join(f"{medians[ref] / medians[fast]:.2f}x" if fast in medians and ref in medians else "-"
                             for fast, ref in pairs)  # fmt: skip
         print(f"| {name} | {cells} | {ratios} |")

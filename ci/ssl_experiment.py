@@ -153,12 +153,21 @@ def pretrain(out_dir: str, preset: Preset, datalist: str) -> str:
     bundle_run(
         ["training", "--config_file", config]
         + settings(
-            dataset_dir=os.path.dirname(datalist), datalist=datalist, ckpt_dir=os.path.join(run_dir, "models"),
-            output_dir=os.path.join(run_dir, "eval"), feature_size=preset.feature_size,
-            roi_size=[preset.roi_size] * 3, batch_size=preset.pretrain_batch, num_samples=preset.num_samples,
-            max_epochs=preset.pretrain_epochs, val_interval=preset.pretrain_val_every,
-            warmup_steps=max(1, int(preset.warmup_fraction * steps)), learning_rate=preset.pretrain_lr, cache_rate=1.0,
-            seed=0, **{k: v for k, v in preset.extra.items() if k != "sw_batch_size"},
+            dataset_dir=os.path.dirname(datalist),
+            datalist=datalist,
+            ckpt_dir=os.path.join(run_dir, "models"),
+            output_dir=os.path.join(run_dir, "eval"),
+            feature_size=preset.feature_size,
+            roi_size=[preset.roi_size] * 3,
+            batch_size=preset.pretrain_batch,
+            num_samples=preset.num_samples,
+            max_epochs=preset.pretrain_epochs,
+            val_interval=preset.pretrain_val_every,
+            warmup_steps=max(1, int(preset.warmup_fraction * steps)),
+            learning_rate=preset.pretrain_lr,
+            cache_rate=1.0,
+            seed=0,
+            **{k: v for k, v in preset.extra.items() if k != "sw_batch_size"},
         ),  # fmt: skip
         os.path.join(out_dir, "logs", "pretrain.log"),
     )
@@ -220,12 +229,20 @@ def finetune(out_dir: str, preset: Preset, lists: dict, arm: str, cases: int, se
     bundle_run(
         ["training", "--config_file", os.path.join(configs, "train.json")]
         + settings(
-            datalist=lists["finetune"], output_dir=os.path.join(run_dir, "eval"), num_train_cases=cases,
-            batch_size=1, num_samples=preset.num_samples, max_epochs=max(1, preset.finetune_steps // steps_per_epoch),
+            datalist=lists["finetune"],
+            output_dir=os.path.join(run_dir, "eval"),
+            num_train_cases=cases,
+            batch_size=1,
+            num_samples=preset.num_samples,
+            max_epochs=max(1, preset.finetune_steps // steps_per_epoch),
             val_interval=max(1, preset.finetune_val_every // steps_per_epoch),
             warmup_epochs=max(1, int(preset.warmup_fraction * preset.finetune_steps) // steps_per_epoch),
-            learning_rate=preset.finetune_lr, cache_rate=1.0, seed=seed, use_pretrained=arm != "scratch",
-            pretrained_path=encoders.get(arm, encoders["pretrained"]), **common,
+            learning_rate=preset.finetune_lr,
+            cache_rate=1.0,
+            seed=seed,
+            use_pretrained=arm != "scratch",
+            pretrained_path=encoders.get(arm, encoders["pretrained"]),
+            **common,
         ),  # fmt: skip
         os.path.join(out_dir, "logs", f"{name}_train.log"),
     )

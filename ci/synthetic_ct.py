@@ -193,7 +193,9 @@ def generate(
         training.append({"image": f"./{img_path}", "label": f"./labelsTr/{lbl_name}"})
     if layout == "msd":
         labels = {str(i): name for i, name in enumerate(BTCV_LABELS[: num_organs + 1])}
-        write_dataset_json(out_dir, task_name, "Synthetic abdominal CT with BTCV organ labels", {"0": "CT"}, labels, training, test)
+        write_dataset_json(
+            out_dir, task_name, "Synthetic abdominal CT with BTCV organ labels", {"0": "CT"}, labels, training, test
+        )
     return out_dir
 
 

@@ -18,7 +18,9 @@ import numpy as np
 
 from synthetic_ct import AIR_HU, ORGANS, make_case, save_nifti, write_dataset_json
 
-TASK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundles", "swin_unetr_msd", "configs", "tasks")
+TASK_DIR = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "bundles", "swin_unetr_msd", "configs", "tasks"
+)
 
 
 def task_settings(task: str) -> dict:

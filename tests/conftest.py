@@ -47,14 +47,20 @@ def run_bundle(
     """Runs `python -m monai.bundle run` (or under `torchrun`) as a user would; returns the finished process."""
     files = [str(c) for c in configs]
     config_arg = files[0] if len(files) == 1 else str(files)
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}"]
+        if torchrun
+        else [sys.executable]
+    )
     cmd = launcher + ["-m", "monai.bundle", "run"] + ([run_id] if run_id else []) + ["--config_file", config_arg]
     cmd += overrides_to_args(overrides)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     # a hung distributed run must fail the test, not stall the suite
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

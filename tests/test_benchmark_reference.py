@@ -1,5 +1,6 @@
 """The benchmark's reference recipes (`ci/benchmark/reference_*.json`) switch off every CPU speed setting the bundles
-ship, so that the performance page's ratios compare the bundles with the Model Zoo / paper recipe and not with themselves."""
+ship, so that the performance page's ratios compare the bundles with the Model Zoo / paper recipe and not with
+themselves."""
 
 import json
 from pathlib import Path

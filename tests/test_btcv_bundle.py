@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    BUNDLES, TINY, load_bundle_scripts, run_bundle, synthetic_ct, write_encoder_file,
+    BUNDLES,
+    TINY,
+    load_bundle_scripts,
+    run_bundle,
+    synthetic_ct,
+    write_encoder_file,
 )
 from monai.bundle import ConfigWorkflow, ckpt_export
 from monai.transforms import LoadImage
@@ -170,7 +175,6 @@ def test_roi_size_not_divisible_by_32_fails_before_training(btcv_data, tmp_path)
     assert "Epoch: 1" not in proc.stdout + proc.stderr
 
 
-
 def test_lower_case_false_on_the_command_line_is_an_error_not_true(btcv_data, tmp_path):
     """`--amp false` reaches the config as the text 'false', which Python would treat as true."""
     proc = run_bundle(
@@ -180,6 +184,7 @@ def test_lower_case_false_on_the_command_line_is_an_error_not_true(btcv_data, tm
     assert proc.returncode != 0
     assert "amp must be True or False, got 'false': on the command line write --amp False" in proc.stderr
     assert "Epoch: 1" not in proc.stdout + proc.stderr and not (tmp_path / "o").exists()
+
 
 @pytest.mark.parametrize("breakage, message", [
     ("missing", "does not exist or is not a folder"),

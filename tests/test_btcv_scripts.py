@@ -150,13 +150,17 @@ def test_roi_size_must_be_divisible_by_32():
         checks.check_roi_size([96, 96])
 
 
-
 def test_flags_must_be_bools_not_command_line_text():
     assert checks.check_flags(amp=False, resume=True) == {"amp": False, "resume": True}
-    with pytest.raises(ValueError, match=r"^amp must be True or False, got 'false': .* write --amp False \(capitalised"):
+    with pytest.raises(
+        ValueError, match=r"^amp must be True or False, got 'false': .* write --amp False \(capitalised"
+    ):
         checks.check_flags(resume=True, amp="false")
-    with pytest.raises(ValueError, match=r"use_checkpoint must be True or False, got 'true': .* --use_checkpoint True "):
+    with pytest.raises(
+        ValueError, match=r"use_checkpoint must be True or False, got 'true': .* --use_checkpoint True "
+    ):
         checks.check_flags(use_checkpoint="true")
+
 
 # --- resume -----------------------------------------------------------------------------------------------------
 def test_latest_checkpoint_picks_highest_epoch(tmp_path):
@@ -523,8 +527,14 @@ def test_group_norm_kernel_gives_the_instance_norms_outputs():
     fast_norm.use_group_norm_kernel(affine)
     assert [type(m) for m in affine] == [fast_norm.ChannelwiseGroupNorm3d, torch.nn.InstanceNorm3d]
     torch.testing.assert_close(affine(y), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(affine[0](y[0]), torch.nn.functional.instance_norm(  # unbatched input
-        y[0][None], weight=affine[0].weight, bias=affine[0].bias)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        affine[0](y[0]),
+        torch.nn.functional.instance_norm(  # unbatched input
+            y[0][None], weight=affine[0].weight, bias=affine[0].bias
+        )[0],
+        atol=1e-5,
+        rtol=1e-5,
+    )
     untouched = torch.nn.Sequential(torch.nn.InstanceNorm3d(3))
     assert type(fast_norm.use_group_norm_kernel(untouched, enabled=False)[0]) is torch.nn.InstanceNorm3d
 
@@ -553,9 +563,15 @@ def test_channels_last_maps_are_normalised_as_in_float64(affine):
         kernel = torch.nn.functional.group_norm(channels_last, 4, norm.weight, norm.bias)
     assert (kernel.double() - expected).abs().max() > 2e-4  # measured: 9e-4 and 1.4e-3 (this path: 1e-6, 3.5e-6)
     with torch.no_grad():  # opt-in bfloat16 inference: float32 statistics, as PyTorch's kernel keeps them
-        half, half_kernel = norm(channels_last.bfloat16()), torch.nn.functional.group_norm(
-            x.bfloat16(), 4, None if norm.weight is None else norm.weight.bfloat16(),
-            None if norm.bias is None else norm.bias.bfloat16())
+        half, half_kernel = (
+            norm(channels_last.bfloat16()),
+            torch.nn.functional.group_norm(
+                x.bfloat16(),
+                4,
+                None if norm.weight is None else norm.weight.bfloat16(),
+                None if norm.bias is None else norm.bias.bfloat16(),
+            ),
+        )
     assert half.dtype == torch.bfloat16 and half.is_contiguous(memory_format=torch.channels_last_3d)
     assert (half.double() - expected).abs().max() <= 1.05 * (half_kernel.double() - expected).abs().max()
     with_grad = channels_last.clone().requires_grad_()  # training: MONAI's instance norm, with gradients
@@ -602,7 +618,9 @@ def test_fused_upsampling_gives_the_up_blocks_outputs(channels_last):
         assert type(fused) is fused_upsampling.FusedUnetrUpBlock
         assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), block.state_dict().values()))
         x = torch.randn(2, in_channels, *size, dtype=torch.float64).contiguous(memory_format=layout)
-        skip = torch.randn(2, out_channels, *(2 * s for s in size), dtype=torch.float64).contiguous(memory_format=layout)
+        skip = torch.randn(2, out_channels, *(2 * s for s in size), dtype=torch.float64).contiguous(
+            memory_format=layout
+        )
         with torch.no_grad():
             expected, out = block(x, skip), fused(x, skip)
         assert out.shape == expected.shape == skip.shape

@@ -59,15 +59,25 @@ def test_inference_settings_are_exposed_and_used(bundle):
     "bundle, name", [(b, "train.json") for b in BUNDLE_NAMES] + [(b, "inference.json") for b in SEGMENTATION_BUNDLES]
 )
 def test_yes_no_settings_are_checked_first_in_run(bundle, name):
-    """Each top-level true/false setting goes through `check_flags` before anything else runs (`--amp false` is text)."""
+    """Each top-level true/false setting goes through `check_flags` before anything else runs (`--amp false` is
+    text)."""
     config = json.loads((BUNDLES / bundle / "configs" / name).read_text())
-    computed = {"amp", "cpu_memory_pool", "cpu_fast_norm", "cpu_channels_last", "cpu_fused_upsampling", "cpu_fused_input_block",
-                "cpu_mask_cache", "cpu_winograd"}  # yes/no settings whose inference defaults are expressions
+    computed = {
+        "amp",
+        "cpu_memory_pool",
+        "cpu_fast_norm",
+        "cpu_channels_last",
+        "cpu_fused_upsampling",
+        "cpu_fused_input_block",
+        "cpu_mask_cache",
+        "cpu_winograd",
+    }  # yes/no settings whose inference defaults are expressions
     flags = {key for key, value in config.items() if isinstance(value, bool) or key in computed}
     assert config["run"][0] == "$@flags_check"
     assert config["flags_check"]["_target_"] == "scripts.checks.check_flags"
     assert {key for key in config["flags_check"] if key != "_target_"} == flags
     assert all(config["flags_check"][key] == f"@{key}" for key in flags)
+
 
 @pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
 def test_inference_config_stands_alone_for_monai_label(bundle):
@@ -85,7 +95,8 @@ def test_inference_config_stands_alone_for_monai_label(bundle):
 # Bundles must work when copied alone (Model Zoo, MONAI Label), so the few helpers two bundles need are copied,
 # not shared; these tests keep the copies from drifting apart.
 COPIED_HELPERS = {
-    "checks.py": BUNDLE_NAMES, "checkpoints.py": BUNDLE_NAMES, "memory.py": BUNDLE_NAMES, "datalist.py": SEGMENTATION_BUNDLES,
+    "checks.py": BUNDLE_NAMES, "checkpoints.py": BUNDLE_NAMES, "memory.py": BUNDLE_NAMES,
+    "datalist.py": SEGMENTATION_BUNDLES,
     "metrics.py": SEGMENTATION_BUNDLES, "image_writer.py": SEGMENTATION_BUNDLES, "pretrained.py": SEGMENTATION_BUNDLES,
     "curves.py": BUNDLE_NAMES, "overlays.py": SEGMENTATION_BUNDLES, "mixed_precision.py": BUNDLE_NAMES,
     "finite_loss.py": BUNDLE_NAMES, "patchwise.py": SEGMENTATION_BUNDLES, "fast_norm.py": SEGMENTATION_BUNDLES,
@@ -123,7 +134,7 @@ def _scripts_of(bundle):
 
     saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "scripts"}
     scripts = load_bundle_scripts(bundle)
-    import scripts.mixed_precision  # noqa: F401  (imported here, while the bundle is on sys.path)
+    import scripts.mixed_precision  # noqa: F401, F811  (imported here, while the bundle is on sys.path)
 
     try:
         yield scripts
@@ -188,7 +199,11 @@ def test_evaluation_moves_predictions_to_the_labels_device(bundle):
 
 @pytest.mark.parametrize(
     "config, key",
-    [("inference.json", "postprocessing"), ("evaluate.json", "validate#postprocessing"), ("train.json", "validate#postprocessing")],
+    [
+        ("inference.json", "postprocessing"),
+        ("evaluate.json", "validate#postprocessing"),
+        ("train.json", "validate#postprocessing"),
+    ],
 )
 @pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
 def test_label_maps_are_monai_argmax_of_the_probabilities(bundle, config, key):

@@ -67,7 +67,11 @@ def test_probabilities_match_the_reference_path(case):
 def test_label_maps_match_the_reference_path(case):
     for name, configs in (("shipped", [INFERENCE]), ("reference", [INFERENCE, REFERENCE])):
         run_bundle(
-            configs, dataset_dir=str(case / "images"), ckpt_dir=str(case / "models"), output_dir=str(case / name), **SETTINGS
+            configs,
+            dataset_dir=str(case / "images"),
+            ckpt_dir=str(case / "models"),
+            output_dir=str(case / name),
+            **SETTINGS,
         )
     shipped = np.asarray(nib.load(case / "shipped" / "case_seg.nii.gz").dataobj)
     reference = np.asarray(nib.load(case / "reference" / "case_seg.nii.gz").dataobj)

@@ -163,7 +163,8 @@ def test_package_holds_the_bundle_and_nothing_else(bundle, tmp_path):
 
 @pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
 def test_downloaded_zip_runs_inference_outside_the_repository(bundle, server, tmp_path):
-    """Package, serve, `monai.bundle.download(url=...)`, then infer from the extracted copy with cwd outside the repo."""
+    """Package, serve, `monai.bundle.download(url=...)`, then infer from the extracted copy with the working folder
+    outside the repository."""
     from monai.bundle import download
     from monai.networks.nets import SwinUNETR
 

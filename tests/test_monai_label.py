@@ -24,6 +24,7 @@ def _stand_in_for_torchvision() -> None:
     try:
         importlib.import_module("torchvision.utils")
     except ImportError:
+
         def unavailable(*_, **__):
             raise RuntimeError("torchvision is not installed; MONAI Label's 2D helpers are unavailable")
 

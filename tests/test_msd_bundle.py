@@ -201,15 +201,18 @@ def test_task_bundle_is_a_plain_bundle_for_the_task(tmp_path):
     meta = json.loads((target / "configs" / "metadata.json").read_text())
     fmt = meta["network_data_format"]
     assert fmt["inputs"]["image"]["num_channels"] == 4 and fmt["inputs"]["image"]["modality"] == "MR"
-    assert fmt["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
+    assert fmt["outputs"]["pred"]["channel_def"] == {
+        "0": "background",
+        "1": "edema",
+        "2": "non-enhancing tumor",
+        "3": "enhancing tumour",
+    }
     verify_bundle_metadata(target / "configs" / "metadata.json", tmp_path)
     inference = json.loads((target / "configs" / "inference.json").read_text())
     assert inference["task"] == task and inference["modality_transforms"] == "@mri_transforms"
     assert sorted(p.name for p in (target / "models").glob("*.pt")) == ["model.pt"]
     # the copy alone, without the task file, segments the task's images
-    run_bundle(
-        [target / "configs" / "inference.json"], dataset_dir=data, output_dir=str(tmp_path / "pred"), **TINY
-    )
+    run_bundle([target / "configs" / "inference.json"], dataset_dir=data, output_dir=str(tmp_path / "pred"), **TINY)
     assert len(list((tmp_path / "pred").glob("*_seg.nii.gz"))) == 1
     proc = run_bundle([CONFIGS / "task_bundle.json"], check=False, task=task, target_dir=str(target))
     assert "already exists" in first_error(proc.stderr)

@@ -61,9 +61,12 @@ def test_exported_encoder_loads_with_swinunetr_load_from(pretrained):
     weights = torch.load(out / "models" / "model_swinvit.pt", weights_only=True)
     net = SwinUNETR(1, 14, feature_size=12)
     net.load_from(weights)
-    torch.testing.assert_close(net.swinViT.patch_embed.proj.weight, weights["state_dict"]["module.patch_embed.proj.weight"])
     torch.testing.assert_close(
-        net.swinViT.layers3[0].blocks[1].mlp.linear1.weight, weights["state_dict"]["module.layers3.0.blocks.1.mlp.fc1.weight"]
+        net.swinViT.patch_embed.proj.weight, weights["state_dict"]["module.patch_embed.proj.weight"]
+    )
+    torch.testing.assert_close(
+        net.swinViT.layers3[0].blocks[1].mlp.linear1.weight,
+        weights["state_dict"]["module.layers3.0.blocks.1.mlp.fc1.weight"],
     )
 
 
@@ -93,7 +96,9 @@ def test_fine_tuning_starts_from_the_exported_encoder(pretrained, btcv_data, tmp
     assert re.search(r"loaded 126 of 126 encoder tensors", proc.stdout + proc.stderr)
     tuned = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert torch.equal(tuned["swinViT.patch_embed.proj.weight"], encoder["module.patch_embed.proj.weight"])
-    assert torch.equal(tuned["swinViT.layers2.0.blocks.0.mlp.linear2.weight"], encoder["module.layers2.0.blocks.0.mlp.fc2.weight"])
+    assert torch.equal(
+        tuned["swinViT.layers2.0.blocks.0.mlp.linear2.weight"], encoder["module.layers2.0.blocks.0.mlp.fc2.weight"]
+    )
 
 
 def test_evaluate_reports_validation_metrics(pretrained, btcv_data):
@@ -111,7 +116,8 @@ def test_evaluate_reports_validation_metrics(pretrained, btcv_data):
 def test_multi_gpu_pretraining_runs_two_processes_on_cpu(btcv_data, tmp_path):
     proc = run_bundle(
         [TRAIN, MULTI_GPU], "training", torchrun=2, dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=1, **dict(SSL_TINY, batch_size=2, val_fraction=0.4),
+        output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=1,
+        **dict(SSL_TINY, batch_size=2, val_fraction=0.4),
     )  # fmt: skip
     # 3 training volumes sharded over 2 ranks (padded to 2 each): one batch of 2 per rank, logged by rank 0 only
     assert len(TERMS.findall(proc.stdout + proc.stderr)) == 1
@@ -124,3 +130,13 @@ def test_bad_dataset_dir_is_a_clear_error(tmp_path):
     assert proc.returncode != 0
     assert f"dataset_dir '{tmp_path / 'nothing'}' does not exist" in proc.stderr
 
+
+def test_roi_with_unequal_sides_in_the_rotation_plane_is_refused_before_training(btcv_data, tmp_path):
+    settings = dict(SSL_TINY, roi_size=[64, 32, 64])
+    proc = run_bundle([TRAIN], "training", check=False, dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path), **settings)
+    assert proc.returncode != 0
+    assert (
+        "roi_size [64, 32, 64] has sides 64 and 32 in the rotation plane rotation_axes=[0, 1]; they must be equal"
+        in proc.stderr
+    )
+    assert "Iter:" not in proc.stdout + proc.stderr

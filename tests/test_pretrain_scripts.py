@@ -92,7 +92,11 @@ def test_matching_views_score_lower_than_random_views():
 
 def test_combined_loss_weights_and_terms():
     torch.manual_seed(2)
-    pred = {"reconstruction": torch.rand(4, 1, 8, 8, 8), "contrastive": torch.randn(4, 6), "rotation": torch.randn(4, 4)}
+    pred = {
+        "reconstruction": torch.rand(4, 1, 8, 8, 8),
+        "contrastive": torch.randn(4, 6),
+        "rotation": torch.randn(4, 4),
+    }
     target = {"image": torch.rand(4, 1, 8, 8, 8), "rotation": torch.tensor([0, 1, 2, 3])}
     loss = ssl_loss.SSLLoss(inpaint_weight=2.0, contrast_weight=0.5, rot_weight=1.0)
     total = loss(pred, target)
@@ -237,7 +241,9 @@ def test_rotation_plane_must_have_equal_sides():
         "roi_size [96, 80, 64] has sides 96 and 80 in the rotation plane rotation_axes=[0, 1]; they must be equal so "
         "that rotated views keep their shape."
     )
-    with pytest.raises(ValueError, match="rotation_axes must be two different spatial axes out of 0, 1, 2, got \\[1, 1\\]"):
+    with pytest.raises(
+        ValueError, match="rotation_axes must be two different spatial axes out of 0, 1, 2, got \\[1, 1\\]"
+    ):
         transforms.check_rotation_plane([96, 96, 96], [1, 1])
 
 
@@ -277,7 +283,8 @@ def test_cutout_rejects_bad_fraction():
 
 
 @pytest.mark.parametrize("override, dataset_type", [
-    (None, "CacheDataset"), ("dataset_persistent.json", "PersistentDataset"), ("dataset_smartcache.json", "SmartCacheDataset"),
+    (None, "CacheDataset"), ("dataset_persistent.json", "PersistentDataset"),
+    ("dataset_smartcache.json", "SmartCacheDataset"),
 ])  # fmt: skip
 def test_dataset_choices_build(override, dataset_type, tmp_path):
     synthetic_ct.generate(str(tmp_path / "ct"), num_train=3, num_test=0, shape=(48, 44, 12))
@@ -289,8 +296,18 @@ def test_dataset_choices_build(override, dataset_type, tmp_path):
     plain.read_config(str(configs / "train.json"))
     # an override changes where the data comes from, not what a run does (memory settings, progress bar)
     assert parser["run"] == plain["run"]
-    parser.update({"dataset_dir": str(tmp_path / "ct"), "image_glob": "imagesTr/*.nii.gz", "roi_size": [32, 32, 32],
-                   "feature_size": 12, "bundle_root": str(tmp_path), "num_workers": 0, "smartcache_num": 1, "val_fraction": 0.34})
+    parser.update(
+        {
+            "dataset_dir": str(tmp_path / "ct"),
+            "image_glob": "imagesTr/*.nii.gz",
+            "roi_size": [32, 32, 32],
+            "feature_size": 12,
+            "bundle_root": str(tmp_path),
+            "num_workers": 0,
+            "smartcache_num": 1,
+            "val_fraction": 0.34,
+        }
+    )
     dataset = parser.get_parsed_content("train#dataset")
     assert type(dataset).__name__ == dataset_type
     assert len(dataset) == (1 if dataset_type == "SmartCacheDataset" else 2)
@@ -318,7 +335,8 @@ def test_gradient_clipping_inside_supervised_trainer():
     before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
     data = [{"image": torch.ones(2, 4) * 100, "label": torch.zeros(2, 1)}]
     trainer = SupervisedTrainer(
-        device="cpu", max_epochs=1, train_data_loader=data, network=net, optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
+        device="cpu", max_epochs=1, train_data_loader=data, network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
         loss_function=torch.nn.MSELoss(), train_handlers=[gradient_clipping.GradientClipHandler(max_norm=0.01)],
     )  # fmt: skip
     trainer.run()

@@ -69,7 +69,8 @@ def test_evaluation_writes_one_overlay_picture_per_case(tracked_run, btcv_data):
 
 def test_pretraining_validation_writes_reconstruction_pictures(tmp_path, btcv_data):
     run_bundle(
-        [PRETRAIN / "train.json"], "training", dataset_dir=str(btcv_data / "imagesTr"), ckpt_dir=str(tmp_path / "models"),
+        [PRETRAIN / "train.json"], "training", dataset_dir=str(btcv_data / "imagesTr"),
+        ckpt_dir=str(tmp_path / "models"),
         output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=2, **SSL_TINY,
     )  # fmt: skip
     pictures = sorted(p.name for p in (tmp_path / "eval" / "pictures").iterdir())

@@ -47,7 +47,9 @@ def load_encoder(network: torch.nn.Module, path: str) -> int:
     made for a different network (feature_size, depths, in_channels), leaving `network` unchanged.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained_path {path!r} does not exist (set use_pretrained=false to train from scratch).")
+        raise FileNotFoundError(
+            f"pretrained_path {path!r} does not exist (set use_pretrained=false to train from scratch)."
+        )
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     weights = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(weights, dict) or f"{FILE_PREFIX}patch_embed.proj.weight" not in weights:
@@ -63,10 +65,17 @@ def load_encoder(network: torch.nn.Module, path: str) -> int:
         key = file_key(name)
         if key not in weights:
             if name in params:  # buffers (e.g. relative_position_index) are derived from the architecture
-                raise ValueError(f"pretrained_path {path!r} lacks encoder tensor {key!r}; it does not match the network.")
+                raise ValueError(
+                    f"pretrained_path {path!r} lacks encoder tensor {key!r}; it does not match the network."
+                )
             continue
         weight = weights[key]
-        if name == PATCH_EMBEDDING and weight.shape[1] == 1 and target.shape[1] > 1 and weight.shape[2:] == target.shape[2:]:
+        if (
+            name == PATCH_EMBEDDING
+            and weight.shape[1] == 1
+            and target.shape[1] > 1
+            and weight.shape[2:] == target.shape[2:]
+        ):
             logger.info(f"patch embedding adapted from 1 to {target.shape[1]} input channels (kernel / channels)")
             weight = adapt_patch_embedding(weight, target.shape[1])
         if weight.shape != target.shape:

@@ -66,7 +66,10 @@ class TrainingCurvesPlot:
         ax_loss.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=0.8, label="training loss")
         window = max(1, len(losses) // 20)
         if window > 1:
-            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+            smooth = [
+                sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                for i in range(len(losses))
+            ]
             ax_loss.plot(steps, smooth, color="tab:blue", linewidth=1.6, label=f"training loss (mean of {window})")
         ax_loss.set_xlabel("iteration")
         ax_loss.set_ylabel("loss", color="tab:blue")

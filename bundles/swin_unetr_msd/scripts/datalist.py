@@ -86,9 +86,13 @@ def first_cases(training: list[dict], num_train_cases: int | None) -> list[dict]
     if num_train_cases is None:
         return training
     if isinstance(num_train_cases, bool) or not isinstance(num_train_cases, int) or num_train_cases < 1:
-        raise ValueError(f"num_train_cases must be a positive whole number or None (all cases), got {num_train_cases!r}.")
+        raise ValueError(
+            f"num_train_cases must be a positive whole number or None (all cases), got {num_train_cases!r}."
+        )
     if num_train_cases > len(training):
-        raise ValueError(f"num_train_cases is {num_train_cases} but the training split holds only {len(training)} cases.")
+        raise ValueError(
+            f"num_train_cases is {num_train_cases} but the training split holds only {len(training)} cases."
+        )
     return training[:num_train_cases]
 
 
@@ -102,7 +106,8 @@ def check_pairs(pairs: Sequence[dict], num_classes: int) -> None:
         label = nib.load(pair["label"])
         if label.shape[:3] != image_shape:
             raise ValueError(
-                f"label {pair['label']!r} has shape {label.shape[:3]} but its image {pair['image']!r} has {image_shape}."
+                f"label {pair['label']!r} has shape {label.shape[:3]} "
+                f"but its image {pair['image']!r} has {image_shape}."
             )
         values = np.unique(np.asarray(label.dataobj))
         bad = values[(values < 0) | (values > num_classes - 1) | (values != np.round(values))]
@@ -137,7 +142,10 @@ def build_datalist(
             raise ValueError(f"datalist {datalist!r} has no 'training' list (keys: {sorted(keys)}).")
         training = load_decathlon_datalist(datalist, True, "training", base_dir=dataset_dir)
         if "validation" in keys:
-            split = {"training": training, "validation": load_decathlon_datalist(datalist, True, "validation", dataset_dir)}
+            split = {
+                "training": training,
+                "validation": load_decathlon_datalist(datalist, True, "validation", dataset_dir),
+            }
         else:
             split = split_train_val(training, val_fraction)
     else:
@@ -167,5 +175,7 @@ def list_images(dataset_dir: str, datalist: str | None = None) -> list[dict[str,
         if _is_image(name) or is_dicom_series:
             found.append({"image": path})
     if not found:
-        raise FileNotFoundError(f"dataset_dir {folder!r} holds no NIfTI images (*.nii.gz, *.nii) or DICOM series folders.")
+        raise FileNotFoundError(
+            f"dataset_dir {folder!r} holds no NIfTI images (*.nii.gz, *.nii) or DICOM series folders."
+        )
     return found

@@ -26,7 +26,9 @@ def _normalised(names: Mapping) -> dict[str, str]:
 def read_dataset_json(dataset_dir: str) -> dict:
     """The task folder's `dataset.json`; a missing folder or file is a FileNotFoundError naming it."""
     if not os.path.isdir(dataset_dir):
-        raise FileNotFoundError(f"dataset_dir {dataset_dir!r} does not exist or is not a folder (expected a Decathlon task folder).")
+        raise FileNotFoundError(
+            f"dataset_dir {dataset_dir!r} does not exist or is not a folder (expected a Decathlon task folder)."
+        )
     path = os.path.join(dataset_dir, DATASET_JSON)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset_dir {dataset_dir!r} has no {DATASET_JSON} (is it a Decathlon task folder?).")
@@ -45,7 +47,8 @@ def check_task(dataset_dir: str, task: str, modality: Mapping, labels: Mapping) 
             raise ValueError(f"{path} has no '{setting}' entry, so it cannot be checked against task {task!r}.")
         if _normalised(ours) != _normalised(theirs):
             raise ValueError(
-                f"task {task!r} does not match {path}: its {setting} is {dict(ours)} but the folder's is {dict(theirs)} "
+                f"task {task!r} does not match {path}: its {setting} is {dict(ours)} "
+                f"but the folder's is {dict(theirs)} "
                 f"(choose the task file for this folder, or point dataset_dir at the {task} folder)."
             )
 
@@ -71,7 +74,9 @@ def fold_split(items: Sequence[dict], fold: int, num_folds: int = 5) -> dict[str
     if not 0 <= fold < num_folds:
         raise ValueError(f"fold must lie in 0..{num_folds - 1}, got {fold}.")
     if len(items) < num_folds:
-        raise ValueError(f"{num_folds}-fold cross-validation needs at least {num_folds} labelled cases, found {len(items)}.")
+        raise ValueError(
+            f"{num_folds}-fold cross-validation needs at least {num_folds} labelled cases, found {len(items)}."
+        )
     ordered = sorted(items, key=lambda item: item["image"])
     return {
         "training": [c for i, c in enumerate(ordered) if i % num_folds != fold],

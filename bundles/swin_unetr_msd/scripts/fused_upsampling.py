@@ -15,8 +15,8 @@ the upsampled channels: `decoder1`). SwinUNETR's other decoder blocks upsample t
 folded, `decoder2` was no faster and `decoder3` to `decoder5` slower (composing their larger weights costs
 more than it saves on their smaller maps). Weights are composed on every call, so they
 follow any checkpoint loaded after the swap, and in training the gradients flow through the composition to the
-block's own weights; the backward pass keeps neither the upsampled map nor the concatenation, which lowers the peak memory of a
-fine-tuning step. Parameter names and values are unchanged. This
+block's own weights; the backward pass keeps neither the upsampled map nor the concatenation, which lowers the
+peak memory of a fine-tuning step. Parameter names and values are unchanged. This
 file is a bundle-local copy (identical in the fine-tuning bundles) so each bundle works when copied alone.
 """
 

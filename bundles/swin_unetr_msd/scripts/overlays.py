@@ -29,7 +29,9 @@ def _as_label_map(array: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _ras_transform(affine: np.ndarray) -> np.ndarray:
-    return nib.orientations.ornt_transform(nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt("RAS"))
+    return nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt("RAS")
+    )
 
 
 def _to_ras(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -71,7 +73,9 @@ def draw_case(
             ax = axes[row, col]
             ax.imshow(cut(image), cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect)
             overlay = np.ma.masked_equal(cut(labels), 0)  # background stays see-through
-            ax.imshow(overlay, cmap=cmap, vmin=0, vmax=len(colours) - 1, alpha=0.5, interpolation="nearest", aspect=aspect)
+            ax.imshow(
+                overlay, cmap=cmap, vmin=0, vmax=len(colours) - 1, alpha=0.5, interpolation="nearest", aspect=aspect
+            )
             ax.set_title(f"{name}, {view}", fontsize=9)
             ax.axis("off")
     fig.suptitle(title, fontsize=10)
@@ -103,7 +107,9 @@ class SegmentationOverlaySaver:
             item = {**batch_item, **output_item}
             image = item[self.image_key]
             affine = np.asarray(image.affine) if hasattr(image, "affine") else np.eye(4)
-            name = os.path.basename(str(image.meta.get("filename_or_obj", "case"))) if hasattr(image, "meta") else "case"
+            name = (
+                os.path.basename(str(image.meta.get("filename_or_obj", "case"))) if hasattr(image, "meta") else "case"
+            )
             name = name.split(".nii")[0]
             volume = _to_ras(np.asarray(image.detach().cpu())[0], affine)
             truth = _to_ras(_as_label_map(item[self.label_key]), affine)

@@ -90,8 +90,10 @@ class PatchwiseIteration:
             )
         self.patches_per_pass = patches_per_pass
         if patches_per_pass:
-            logger.info(f"patches_per_pass: training runs the network on {patches_per_pass} patch"
-                        f"{'es' if patches_per_pass > 1 else ''} at a time, one optimizer step per batch")
+            logger.info(
+                f"patches_per_pass: training runs the network on {patches_per_pass} patch"
+                f"{'es' if patches_per_pass > 1 else ''} at a time, one optimizer step per batch"
+            )
 
     def __call__(self, engine: Any, batchdata: dict[str, Any]) -> Any:
         size = self.patches_per_pass
@@ -108,7 +110,8 @@ class PatchwiseIteration:
                 part = {key: _part(value, start, stop, batch_size) for key, value in batchdata.items()}
                 # DiceCE averages over patches: the parts' losses, weighted by their share, add up to the batch's
                 engine.loss_function = lambda pred, target, share=(stop - start) / batch_size: (
-                    loss_function(pred, target) * share)
+                    loss_function(pred, target) * share
+                )
                 engine.state.batch = part  # what MONAI's decollation (on by default) reads at MODEL_COMPLETED
                 with contextlib.ExitStack() as stack:
                     stack.enter_context(_replaced(optimizer, "zero_grad", None if first else _nothing))

@@ -55,8 +55,12 @@ def write_task_bundle(bundle_root: str, task_file: str, target_dir: str, model_f
     missing = [k for k in ("task", "modality", "labels") if k not in task]
     if missing:
         raise ValueError(f"task_file {task_file!r} lacks {missing}.")
-    partial = os.path.join(os.path.dirname(os.path.abspath(target_dir)), f".partial-{os.getpid()}-{os.path.basename(target_dir)}")
-    shutil.copytree(bundle_root, partial, ignore=shutil.ignore_patterns("__pycache__", "eval", ".partial-*", "*.pt", "*.ts"))
+    partial = os.path.join(
+        os.path.dirname(os.path.abspath(target_dir)), f".partial-{os.getpid()}-{os.path.basename(target_dir)}"
+    )
+    shutil.copytree(
+        bundle_root, partial, ignore=shutil.ignore_patterns("__pycache__", "eval", ".partial-*", "*.pt", "*.ts")
+    )
     try:
         configs = os.path.join(partial, "configs")
         for name in MERGED_CONFIGS:

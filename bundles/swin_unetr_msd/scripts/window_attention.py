@@ -10,8 +10,9 @@ window is attended on its own) and keeps the heap close to the live tensors.
 
 MONAI's `BasicLayer` rebuilds the shifted-window attention mask (windows x tokens^2 values, and as many again in
 temporaries) on every forward pass, although it depends only on the padded grid, window and shift sizes; in training
-it does so on every patch, where the allocations also grow the memory pool's heap. `cache_attention_masks` memoises MONAI's `compute_mask`
-(the module attribute `BasicLayer` looks up on each call), since MONAI offers no way to pass a precomputed mask.
+it does so on every patch, where the allocations also grow the memory pool's heap. `cache_attention_masks`
+memoises MONAI's `compute_mask` (the module attribute `BasicLayer` looks up on each call), since MONAI offers no
+way to pass a precomputed mask.
 
 This file is a bundle-local copy (identical in all three bundles) so each bundle works when copied alone.
 """

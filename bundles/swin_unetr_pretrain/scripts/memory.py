@@ -14,7 +14,6 @@ because PyTorch has no CPU caching allocator:
   each keep their own freed memory, which made a training step both larger and slower.
 """
 
-
 from __future__ import annotations
 
 import ctypes

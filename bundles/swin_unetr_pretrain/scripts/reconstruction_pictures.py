@@ -20,7 +20,9 @@ from ignite.engine import Engine, Events  # noqa: E402
 from .curves import save_figure  # noqa: E402
 
 
-def draw_reconstruction(original: np.ndarray, corrupted: np.ndarray, reconstructed: np.ndarray, path: str, title: str) -> None:
+def draw_reconstruction(
+    original: np.ndarray, corrupted: np.ndarray, reconstructed: np.ndarray, path: str, title: str
+) -> None:
     """Writes a 3x3 PNG of three (D, H, W) volumes in RAS, sliced through their centre."""
     centre = [s // 2 for s in original.shape]
     views = {
@@ -29,7 +31,9 @@ def draw_reconstruction(original: np.ndarray, corrupted: np.ndarray, reconstruct
         "sagittal": lambda v: np.rot90(v[centre[0], :, :]),
     }
     fig, axes = plt.subplots(3, 3, figsize=(9, 9), dpi=90)
-    for row, (name, volume) in enumerate((("original", original), ("corrupted (input)", corrupted), ("reconstructed", reconstructed))):
+    for row, (name, volume) in enumerate(
+        (("original", original), ("corrupted (input)", corrupted), ("reconstructed", reconstructed))
+    ):
         for col, (view, cut) in enumerate(views.items()):
             axes[row, col].imshow(cut(volume), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
             axes[row, col].set_title(f"{name}, {view}", fontsize=9)
@@ -59,6 +63,9 @@ class ReconstructionPictureSaver:
         output = engine.state.output
         if "reconstruction" not in output["pred"]:
             return  # inpainting disabled (inpaint_weight 0)
-        volumes = [t[0, 0].detach().float().cpu().numpy() for t in (output["label"]["image"], output["image"], output["pred"]["reconstruction"])]
+        volumes = [
+            t[0, 0].detach().float().cpu().numpy()
+            for t in (output["label"]["image"], output["image"], output["pred"]["reconstruction"])
+        ]
         path = os.path.join(self.output_dir, f"reconstruction_{self.runs}.png")
         draw_reconstruction(*volumes, path, f"validation {self.runs}: first sub-volume")

@@ -43,7 +43,9 @@ class SSLHead(nn.Module):
     ) -> None:
         super().__init__()
         if encoder_pass_size < 0:
-            raise ValueError(f"encoder_pass_size must be 0 (whole batch) or a positive number, got {encoder_pass_size}.")
+            raise ValueError(
+                f"encoder_pass_size must be 0 (whole batch) or a positive number, got {encoder_pass_size}."
+            )
         self.encoder_pass_size = encoder_pass_size
         self.swinViT = SwinTransformer(
             in_chans=in_channels,
@@ -70,7 +72,9 @@ class SSLHead(nn.Module):
             out["rotation"] = self.rotation_head(tokens[:, 0])
         if self.contrastive_head is not None:
             if tokens.shape[1] < 2:
-                raise ValueError(f"contrastive head needs at least 2 bottleneck tokens; input {tuple(x.shape[2:])} gives 1.")
+                raise ValueError(
+                    f"contrastive head needs at least 2 bottleneck tokens; input {tuple(x.shape[2:])} gives 1."
+                )
             out["contrastive"] = self.contrastive_head(tokens[:, 1])
         if self.inpainting_head is not None:
             out["reconstruction"] = self.inpainting_head(bottleneck)

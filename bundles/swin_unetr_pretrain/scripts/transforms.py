@@ -33,7 +33,11 @@ class RandRotate90Labeld(Randomizable, MapTransform):
     paper's released code turns (1, 2), the sagittal plane."""
 
     def __init__(
-        self, keys: KeysCollection, label_key: str, spatial_axes: Sequence[int] = (0, 1), allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        label_key: str,
+        spatial_axes: Sequence[int] = (0, 1),
+        allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.label_key = label_key
