@@ -13,7 +13,8 @@ test evaluation) are recognised by the result files they write last, atomically;
 Writes into `out_dir`: `results.csv` (one row per arm x labelled cases x seed: mean and per-organ test Dice),
 `summary.csv` (per arm and labelled cases: mean, spread, paired differences by seed, and the protocol's call),
 `data/hardness.json` (the phantoms' HU-lookup Dice and crop overlap, `phantom_ct.hardness`),
-`dice_vs_labelled_cases.png`, `pretraining_curves.png` (the pre-training bundle's loss and validation curves), and
+`dice_vs_labelled_cases.png`, `pretraining_curves.png` (the pre-training bundle's loss and validation curves),
+`pretraining_terms.png` (its three proxy-task losses, read from its log), and
 `logs/` with every bundle run's output.
 """
 
@@ -176,6 +177,37 @@ def pretrain(out_dir: str, preset: Preset, datalist: str) -> str:
         shutil.copyfile(curves, os.path.join(out_dir, "pretraining_curves.png"))
     write_json_atomic({"steps": steps, "encoder": encoder}, done)
     return encoder
+
+
+def plot_pretraining_terms(out_dir: str) -> None:
+    """`pretraining_terms.png`: the three proxy-task losses per iteration, read from the pre-training bundle's log."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pattern = re.compile(r"contrast: ([0-9.]+) inpaint: ([0-9.]+) rotation: ([0-9.]+) total: ([0-9.]+)")
+    with open(os.path.join(out_dir, "logs", "pretrain.log")) as log:
+        terms = np.array([[float(v) for v in m.groups()] for m in map(pattern.search, log) if m])
+    if not len(terms):
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    chance = {"contrastive (NT-Xent)": None, "inpainting (L1)": None, "rotation (cross-entropy)": np.log(4)}
+    for ax, (name, level), values in zip(axes, chance.items(), terms[:, :3].T):
+        ax.plot(np.arange(1, len(values) + 1), values, lw=0.8)
+        if level is not None:
+            ax.axhline(level, color="grey", ls="--", lw=0.8, label="chance (4 rotations)")
+            ax.legend(fontsize=8)
+        ax.set_title(name)
+        ax.set_xlabel("iteration")
+    fig.suptitle("Pre-training loss terms")
+    fig.tight_layout()
+    tmp = os.path.join(out_dir, "pretraining_terms.partial.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(out_dir, "pretraining_terms.png"))
 
 
 def shuffled_encoder(encoder: str) -> str:
@@ -347,6 +379,7 @@ def main(preset: str = "cpu", out_dir: str = "experiments/ssl_cpu") -> None:
     lists = prepare_data(out_dir, chosen)
     print(f"data ready: {os.path.join(out_dir, 'data')}", flush=True)
     encoder = pretrain(out_dir, chosen, lists["pretrain"])
+    plot_pretraining_terms(out_dir)
     encoders = {"pretrained": encoder, "shuffled": shuffled_encoder(encoder)}
     print(f"pre-training done: {encoder}", flush=True)
     results = []

@@ -43,6 +43,24 @@ def test_metadata_is_valid_and_versioned(bundle, tmp_path):
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_parsed_metadata_keeps_the_required_packages(bundle):
+    """MONAI 1.6 renames a deprecated `optional_packages_version` to `required_packages_version` when it parses
+    metadata, replacing the real list; MONAI Label and the bundle tools read the parsed one."""
+    import warnings
+
+    from monai.bundle import ConfigParser
+
+    meta_file = BUNDLES / bundle / "configs" / "metadata.json"
+    parser = ConfigParser()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the deprecation warning MONAI gives for the old key fails the test
+        parser.read_meta(str(meta_file))
+        parsed = parser.get_parsed_content("_meta_#required_packages_version")
+    assert parsed == json.loads(meta_file.read_text())["required_packages_version"]
+    assert {"nibabel", "pytorch-ignite", "einops"} <= set(parsed)
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
 def test_large_files_entries_are_well_formed(bundle):
     """Paths stay inside the bundle, URLs are http(s), hashes name their type and have its length. The BTCV bundle
     ships published weights, so the Model Zoo's `models/model.pt` comes through large_files.yml with an md5."""
