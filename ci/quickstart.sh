@@ -24,10 +24,10 @@ step() {  # step NAME COMMAND...: runs quietly into $out/NAME.log, shows its tai
   "$@" > "$log" 2>&1 || { tail -30 "$log"; echo "failed: see $log"; exit 1; }
 }
 
-epochs=32  # 8 cases x 32 epochs = 256 steps of one 64^3 patch
+epochs=20  # 8 cases x 20 epochs = 160 steps of one 64^3 patch
 echo "== 2/4 training, $epochs epochs (log: $out/training.log)"
 step training python -m monai.bundle run training --config_file "$configs/train.json" "${tiny[@]}" \
-  --output_dir "$out/eval" --max_epochs $epochs --val_interval 8 --warmup_epochs 2 --num_samples 1 --learning_rate 0.002
+  --output_dir "$out/eval" --max_epochs $epochs --val_interval 10 --warmup_epochs 2 --num_samples 1 --learning_rate 0.002
 grep -E "Iter: ([0-9]+)/\1 |Metrics" "$out/training.log" | sed -E 's/^.* - INFO - //' | awk 'NR % 4 == 0 || /Metrics/'
 
 echo "== 3/4 evaluation in each image's original space (log: $out/evaluate.log)"

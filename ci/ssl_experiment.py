@@ -304,28 +304,32 @@ def call(differences: list[float]) -> str:
 
 
 def summarise(out_dir: str, results: list[dict]) -> list[dict]:
-    """Writes results.csv, summary.csv and the picture; returns the summary rows."""
+    """Writes results.csv, summary.csv and the picture from the finished runs' `results`; returns the summary rows.
+    Each comparison pairs the seeds that both arms have finished (all of them once the experiment is complete)."""
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(results[0]))
         writer.writeheader()
         writer.writerows(results)
     by_key = {(r["arm"], r["labelled_cases"], r["seed"]): r["mean_dice"] for r in results}
     counts = sorted({r["labelled_cases"] for r in results})
-    seeds = sorted({r["seed"] for r in results})
     summary = []
     for cases in counts:
         for arm in ARMS:
+            seeds = sorted(s for (a, n, s) in by_key if a == arm and n == cases)  # all, unless summarised early
+            if not seeds:
+                continue
             scores = [by_key[(arm, cases, s)] for s in seeds]
             row = {"arm": arm, "labelled_cases": cases, "mean_dice": float(np.mean(scores)),
                    "std_dice": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
-                   "min_dice": min(scores), "max_dice": max(scores)}  # fmt: skip
+                   "min_dice": min(scores), "max_dice": max(scores), "seeds": len(seeds)}  # fmt: skip
             if arm != "scratch":
                 for other in ("scratch",) + (("shuffled",) if arm == "pretrained" else ()):
-                    diffs = [by_key[(arm, cases, s)] - by_key[(other, cases, s)] for s in seeds]
+                    paired = [s for s in seeds if (other, cases, s) in by_key]
+                    diffs = [by_key[(arm, cases, s)] - by_key[(other, cases, s)] for s in paired]
                     row[f"minus_{other}"] = " ".join(f"{d:+.4f}" for d in diffs)
-                    row[f"vs_{other}"] = call(diffs)
+                    row[f"vs_{other}"] = call(diffs) if diffs else ""
             summary.append(row)
-    fields = ["arm", "labelled_cases", "mean_dice", "std_dice", "min_dice", "max_dice",
+    fields = ["arm", "labelled_cases", "seeds", "mean_dice", "std_dice", "min_dice", "max_dice",
               "minus_scratch", "vs_scratch", "minus_shuffled", "vs_shuffled"]  # fmt: skip
     with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -345,6 +349,8 @@ def plot(out_dir: str, summary: list[dict], counts: list[int]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for offset, arm in zip((-0.06, 0.0, 0.06), ARMS):
         rows = [r for r in summary if r["arm"] == arm]
+        if not rows:
+            continue
         x = np.array([r["labelled_cases"] for r in rows], float) * (1 + offset)
         y = np.array([r["mean_dice"] for r in rows])
         below, above = [r["mean_dice"] - r["min_dice"] for r in rows], [r["max_dice"] - r["mean_dice"] for r in rows]

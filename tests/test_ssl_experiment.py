@@ -19,6 +19,17 @@ def test_protocol_rule(differences, verdict):
     assert ssl_experiment.call(differences) == verdict
 
 
+def test_summary_pairs_the_seeds_both_arms_finished(tmp_path):
+    """Summarised before every run has finished (e.g. after a stop), each comparison uses the shared seeds only."""
+    runs = [("scratch", 0, 0.10), ("scratch", 1, 0.20), ("pretrained", 0, 0.15), ("shuffled", 1, 0.1)]
+    rows = [{"arm": arm, "labelled_cases": 2, "seed": seed, "mean_dice": dice} for arm, seed, dice in runs]
+    summary = {row["arm"]: row for row in ssl_experiment.summarise(str(tmp_path), rows)}
+    assert summary["scratch"]["seeds"] == 2 and summary["scratch"]["mean_dice"] == pytest.approx(0.15)
+    assert summary["pretrained"]["minus_scratch"] == "+0.0500" and summary["pretrained"]["minus_shuffled"] == ""
+    assert summary["shuffled"]["minus_scratch"] == "-0.1000"
+    assert (tmp_path / "dice_vs_labelled_cases.png").is_file()
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """The tiny preset, given a relative out_dir as a user would type it."""
