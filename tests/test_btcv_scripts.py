@@ -431,14 +431,17 @@ def test_patchwise_iteration_gives_the_whole_batch_loss_and_gradients(amp, decol
     errors = [(_relative(a.grad.double(), e), _relative(b.grad.double(), e))
               for a, b, e in zip(net_a.parameters(), net_b.parameters(), exact)]  # fmt: skip
     assert all(e.abs().max() > 0 for e in exact)
-    # one pass over three patches and three passes over one round differently: one patch at a time must be no
-    # further from float64. Measured in float32: up to 1e-2 (whole) and 3.6e-3 (patchwise) off float64, for the
-    # first stage's norms. bfloat16 gradients of an untrained network are 17-38% off float64 for single first-stage
-    # parameters either way (AMD Zen 4), so there the sum over all parameters compares.
+    # One pass over three patches and three passes over one round differently. In float32 both must stay within
+    # float32 rounding of float64 (largest for the first stage's norms, whose gradients cancel: up to 1.0e-2 seen);
+    # which of the two is closer depends on the kernels the CPU gets for 1 and for 3 patches (on an Intel Xeon with
+    # AMX the one-patch pass was ~3x further off, on AMD Zen 4 ~3x closer), so only the bound is asserted; a wrong
+    # weighting of the patches' losses would be off by tens of percent. bfloat16 gradients of an untrained network are
+    # 17-38% off float64 for single first-stage parameters either way, so there the sum over all parameters compares.
     whole_errors, patchwise_errors = zip(*errors)
-    assert sum(patchwise_errors) < 1.1 * sum(whole_errors)
-    if not amp:
-        assert all(b < 1.25 * a + 2e-3 for a, b in errors) and max(patchwise_errors) < 1e-2
+    if amp:
+        assert sum(patchwise_errors) < 1.1 * sum(whole_errors)
+    else:
+        assert max(whole_errors) < 2e-2 and max(patchwise_errors) < 2e-2, (max(whole_errors), max(patchwise_errors))
 
 
 class _RecordingNet(torch.nn.Conv3d):

@@ -136,10 +136,10 @@ def test_num_train_cases_keeps_the_first_cases_of_the_fold(tmp_path):
     kwargs = dict(dataset_dir=str(data), task="Task05_Prostate", modality=task["modality"], labels=task["labels"])
     every = build_task_datalist(**kwargs, fold=1)
     fewer = build_task_datalist(**kwargs, fold=1, num_train_cases=2)
-    assert fewer["training"] == every["training"][:2] and len(every["training"]) == 4
+    assert fewer["training"] == every["training"][:2] and len(every["training"]) == 5
     assert fewer["validation"] == every["validation"]
-    with pytest.raises(ValueError, match="num_train_cases is 5 but the training split holds only 4 cases"):
-        build_task_datalist(**kwargs, fold=1, num_train_cases=5)
+    with pytest.raises(ValueError, match="num_train_cases is 6 but the training split holds only 5 cases"):
+        build_task_datalist(**kwargs, fold=1, num_train_cases=6)
 
 
 @pytest.mark.parametrize("breakage, message", [
