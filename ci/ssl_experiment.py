@@ -357,6 +357,7 @@ def plot(out_dir: str, summary: list[dict], counts: list[int]) -> None:
         spread = np.array([below, above])
         ax.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=arm)
     ax.set_xscale("log")
+    ax.minorticks_off()  # only the labelled-case counts as ticks, not 3x10^0, 4x10^0
     ax.set_xticks(counts, [str(c) for c in counts])
     ax.set_xlabel("labelled training cases")
     ax.set_ylabel("mean test Dice over 13 organs")

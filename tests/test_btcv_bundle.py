@@ -79,21 +79,6 @@ def test_plain_run_also_trains(btcv_data, tmp_path):
         assert "patches_per_pass: training runs the network on 1 patch at a time, one optimizer step per batch" in log
 
 
-def test_resume_continues_from_latest_checkpoint(trained, btcv_data, tmp_path):
-    out, _ = trained
-    shutil.copytree(out / "models", tmp_path / "models")
-    proc = run_bundle(
-        [TRAIN], "training", dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"), max_epochs=3, val_interval=1, resume=True, **TINY,
-    )  # fmt: skip
-    log = proc.stdout + proc.stderr
-    assert "Restored all variables from" in log and "checkpoint_epoch=2.pt" in log
-    assert "Epoch: 3/3" in log and "Epoch: 1/3" not in log
-    assert len(loss_values(log)) == 4  # only the third epoch ran
-    resumed = torch.load(tmp_path / "models" / "checkpoint_epoch=3.pt", weights_only=False)
-    assert resumed["trainer"]["iteration"] == 12 and resumed["trainer"]["epoch_length"] == 4
-
-
 def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(trained, btcv_data, tmp_path):
     out, _ = trained
     shutil.copytree(out / "models", tmp_path / "models")
@@ -149,9 +134,14 @@ def test_inference_keeps_input_geometry(trained, tmp_path):
     permuted, permuted_affine = np.transpose(image, (2, 0, 1)), affine[:, [2, 0, 1, 3]]
     synthetic_ct.save_nifti(permuted, permuted_affine, str(images / "case_sla.nii.gz"))
     synthetic_ct.write_dicom_series(image, affine, str(images / "dicom_case"))
-    run_bundle(
+    (tmp_path / "pred").mkdir()
+    stale = tmp_path / "pred" / ".partial-999999999-case_sla_seg.nii.gz"  # left by a killed run (no such process)
+    stale.write_bytes(b"half")
+    proc = run_bundle(
         [INFERENCE], dataset_dir=str(images), ckpt_dir=str(out / "models"), output_dir=str(tmp_path / "pred"), **TINY
     )
+    assert not stale.exists() and f"removed {stale}" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["case_sla_seg.nii.gz", "dicom_case_seg.nii.gz"]
     seg = nib.load(tmp_path / "pred" / "case_sla_seg.nii.gz")
     assert nib.aff2axcodes(permuted_affine) == ("S", "L", "P")
     assert seg.shape == permuted.shape

@@ -165,7 +165,7 @@ def test_flags_must_be_bools_not_command_line_text():
 # --- resume -----------------------------------------------------------------------------------------------------
 def test_latest_checkpoint_picks_highest_epoch(tmp_path):
     for name in ["checkpoint_epoch=2.pt", "checkpoint_epoch=10.pt", "model.pt"]:
-        (tmp_path / name).write_bytes(b"")
+        torch.save({"name": torch.tensor(1)}, tmp_path / name)
     assert checkpoints.latest_checkpoint(str(tmp_path)).endswith("checkpoint_epoch=10.pt")
     shutil.rmtree(tmp_path)
     with pytest.raises(FileNotFoundError, match="resume=true but ckpt_dir"):

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import re
 import sys
 
 import pytest
@@ -60,7 +61,7 @@ def test_inference_settings_are_exposed_and_used(bundle):
 )
 def test_yes_no_settings_are_checked_first_in_run(bundle, name):
     """Each top-level true/false setting goes through `check_flags` before anything else runs (`--amp false` is
-    text)."""
+    text), right after the hook that repeats the bundle's own error message last."""
     config = json.loads((BUNDLES / bundle / "configs" / name).read_text())
     computed = {
         "amp",
@@ -73,10 +74,19 @@ def test_yes_no_settings_are_checked_first_in_run(bundle, name):
         "cpu_winograd",
     }  # yes/no settings whose inference defaults are expressions
     flags = {key for key, value in config.items() if isinstance(value, bool) or key in computed}
-    assert config["run"][0] == "$@flags_check"
+    assert config["run"][:2] == ["$@error_summary", "$@flags_check"]
     assert config["flags_check"]["_target_"] == "scripts.checks.check_flags"
     assert {key for key in config["flags_check"] if key != "_target_"} == flags
     assert all(config["flags_check"][key] == f"@{key}" for key in flags)
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_override_configs_never_address_list_positions(bundle):
+    """`train#handlers#2#_disabled_` silently disables another handler once the list changes; overrides name keys."""
+    for path in (BUNDLES / bundle / "configs").glob("*.json"):
+        if path.name not in ("train.json", "inference.json", "metadata.json"):
+            positional = [key for key in json.loads(path.read_text()) if re.search(r"#\d+(#|$)", key)]
+            assert not positional, f"{path.name}: {positional}"
 
 
 @pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
@@ -102,7 +112,7 @@ COPIED_HELPERS = {
     "finite_loss.py": BUNDLE_NAMES, "patchwise.py": SEGMENTATION_BUNDLES, "fast_norm.py": SEGMENTATION_BUNDLES,
     "window_attention.py": BUNDLE_NAMES, "fused_upsampling.py": SEGMENTATION_BUNDLES,
     "fused_input_block.py": SEGMENTATION_BUNDLES, "winograd_conv.py": SEGMENTATION_BUNDLES,
-    "cpu_inference.py": SEGMENTATION_BUNDLES,
+    "cpu_inference.py": SEGMENTATION_BUNDLES, "atomic_files.py": BUNDLE_NAMES, "error_summary.py": BUNDLE_NAMES,
 }  # fmt: skip
 
 

@@ -14,7 +14,9 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import SwinUNETR
 
 load_bundle_scripts("swin_unetr_pretrain")
-from scripts import datalist, encoder_export, gradient_clipping, prepare_batch, ssl_head, ssl_loss, transforms  # noqa
+from scripts import (  # noqa: E402
+    checked_load, datalist, encoder_export, gradient_clipping, prepare_batch, ssl_head, ssl_loss, transforms,
+)  # fmt: skip
 
 AXIAL = (1, 2)  # RAS axial plane of a channel-first (C, X, Y, Z) tensor
 
@@ -342,3 +344,28 @@ def test_gradient_clipping_inside_supervised_trainer():
     trainer.run()
     after = torch.cat([p.detach().flatten() for p in net.parameters()])
     assert (after - before).norm().item() == pytest.approx(0.01, rel=1e-3)  # SGD step = lr x clipped gradient
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("truncated", "cannot be read"),
+    ("2d", "has shape (48, 44) with 1 channel(s); pre-training needs single-channel 3-D volumes"),
+    ("nan", "holds 7 NaN or infinite voxels"),
+])  # fmt: skip
+def test_volumes_are_checked_where_they_are_loaded_and_named(breakage, message, tmp_path):
+    image, _, affine = synthetic_ct.make_case(seed=3, shape=(48, 44, 12))
+    path = str(tmp_path / "ct.nii.gz")
+    synthetic_ct.save_nifti(image, affine, path)
+    load = checked_load.CheckedLoadImaged("image")
+    assert load({"image": path})["image"].shape == (1, 48, 44, 12)
+    if breakage == "2d":
+        synthetic_ct.save_nifti(image[..., 0], affine, path)
+    elif breakage == "nan":
+        image = image.astype(np.float32)
+        image.flat[:7] = np.inf
+        synthetic_ct.save_nifti(image, affine, path)
+    else:
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError) as error:
+        load({"image": path})
+    assert repr(path) in str(error.value) and message in str(error.value), str(error.value)

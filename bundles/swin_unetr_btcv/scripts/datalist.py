@@ -8,12 +8,14 @@ not hours later inside a data-loader worker.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
 from monai.data import load_decathlon_datalist
+from monai.transforms import LoadImage
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii")
 
@@ -96,24 +98,60 @@ def first_cases(training: list[dict], num_train_cases: int | None) -> list[dict]
     return training[:num_train_cases]
 
 
-def check_pairs(pairs: Sequence[dict], num_classes: int) -> None:
-    """Each image and label exists, their shapes agree, and label values lie in 0..num_classes-1."""
+def read_volume(path: str, what: str) -> np.ndarray:
+    """The voxels of a NIfTI file as float32; an error naming `path` when it cannot be read (truncated, not NIfTI).
+
+    Args:
+        path: the file.
+        what: how the error names it ("image", "label").
+    """
+    try:
+        return nib.load(path).get_fdata(dtype=np.float32)
+    except Exception as error:  # nibabel, gzip and zlib each raise their own kinds
+        raise ValueError(
+            f"{what} {path!r} cannot be read ({type(error).__name__}: {error}); the file is truncated or not NIfTI."
+        ) from error
+
+
+def check_image(path: str, num_channels: int = 1) -> tuple[int, ...]:
+    """Raises an error naming `path` when `image_problem` finds one; returns the image's spatial shape.
+
+    Args:
+        path: the image file.
+        num_channels: the channel count the bundle's network takes.
+    """
+    problem = image_problem(path, num_channels)
+    if problem is not None:
+        raise ValueError(f"image {path!r} {problem}.")
+    return tuple(nib.load(path).shape[:3])
+
+
+def check_pairs(pairs: Sequence[dict], num_classes: int, num_channels: int = 1) -> None:
+    """Reads every image and label whole, once, before training: both exist and can be read, the image passes
+    `check_image`, the label is 3-D with the image's shape, and label values lie in 0..num_classes-1.
+
+    Args:
+        pairs: `{'image', 'label'}` file pairs.
+        num_classes: classes the network predicts, background included.
+        num_channels: the channel count the bundle's network takes.
+    """
     for pair in pairs:
         for key in ("image", "label"):
             if not os.path.isfile(pair[key]):
                 raise FileNotFoundError(f"{key} file {pair[key]!r} does not exist.")
-        image_shape = nib.load(pair["image"]).shape[:3]
-        label = nib.load(pair["label"])
-        if label.shape[:3] != image_shape:
+        image_shape = check_image(pair["image"], num_channels)
+        label = read_volume(pair["label"], "label")
+        label = label[..., 0] if label.ndim == 4 and label.shape[3] == 1 else label
+        if label.shape != image_shape:
             raise ValueError(
-                f"label {pair['label']!r} has shape {label.shape[:3]} "
-                f"but its image {pair['image']!r} has {image_shape}."
+                f"label {pair['label']!r} has shape {label.shape} but its image {pair['image']!r} has {image_shape}."
             )
-        values = np.unique(np.asarray(label.dataobj))
-        bad = values[(values < 0) | (values > num_classes - 1) | (values != np.round(values))]
+        values = np.unique(label)
+        bad = values[~np.isfinite(values) | (values < 0) | (values > num_classes - 1) | (values != np.round(values))]
         if bad.size:
+            shown = [int(v) if np.isfinite(v) and v == np.round(v) else float(v) for v in bad[:5]]
             raise ValueError(
-                f"label {pair['label']!r} holds values {bad[:5].tolist()} outside 0..{num_classes - 1} "
+                f"label {pair['label']!r} holds values {shown} outside 0..{num_classes - 1} "
                 f"(num_classes={num_classes})."
             )
 
@@ -125,6 +163,7 @@ def build_datalist(
     val_fraction: float = 0.2,
     check_data: bool = True,
     num_train_cases: int | None = None,
+    num_channels: int = 1,
 ) -> dict[str, list[dict]]:
     """`{'training': [...], 'validation': [...]}` of `{'image', 'label'}` file pairs.
 
@@ -132,6 +171,7 @@ def build_datalist(
     resolved against `dataset_dir`), its lists are used; otherwise `dataset_dir` is read in the BTCV layout
     (`imagesTr/img0001.nii.gz` + `labelsTr/label0001.nii.gz`). Without a "validation" list the sorted cases are
     split by `val_fraction`. `num_train_cases` keeps only the first that many training cases (see `first_cases`).
+    With `check_data` every case is read whole by `check_pairs` (`num_channels` channels per image).
     """
     if datalist:
         if not os.path.isfile(datalist):
@@ -152,7 +192,7 @@ def build_datalist(
         split = split_train_val(pairs_from_folder(dataset_dir), val_fraction)
     split["training"] = first_cases(split["training"], num_train_cases)
     if check_data:
-        check_pairs(split["training"] + split["validation"], num_classes)
+        check_pairs(split["training"] + split["validation"], num_classes, num_channels)
     return split
 
 
@@ -179,3 +219,48 @@ def list_images(dataset_dir: str, datalist: str | None = None) -> list[dict[str,
             f"dataset_dir {folder!r} holds no NIfTI images (*.nii.gz, *.nii) or DICOM series folders."
         )
     return found
+
+
+def image_problem(path: str, num_channels: int = 1) -> str | None:
+    """What keeps an image from being used (unreadable, not 3-D, another channel count, non-finite voxels), or
+    None. NIfTI files and DICOM series are read whole, with the reader the bundles' transforms use.
+
+    Args:
+        path: a NIfTI file or a DICOM series folder.
+        num_channels: the channel count the bundle's network takes.
+    """
+    try:
+        image = LoadImage(image_only=True)(path)
+    except Exception as error:  # each reader raises its own kinds
+        return f"cannot be read ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+    channels = 1 if image.ndim == 3 else image.shape[3] if image.ndim == 4 else None
+    if channels is None or min(image.shape[:3]) < 2:
+        kind = "a single slice" if channels else f"{image.ndim}-D"
+        return f"is {kind} {tuple(image.shape)}; the bundle needs 3-D volumes"
+    if channels != num_channels:
+        return f"has {channels} channel(s) but the bundle expects {num_channels}"
+    non_finite = int((~image.isfinite()).sum())
+    return f"holds {non_finite} NaN or infinite voxels" if non_finite else None
+
+
+def check_images(items: Sequence[dict], num_channels: int = 1, skip_bad_images: bool = False) -> list[dict]:
+    """The items whose image passes `image_problem`, checked before inference starts. A bad image stops the run
+    with its file named, or with `skip_bad_images` is logged as an error and left out.
+
+    Args:
+        items: `{'image': path}` entries, e.g. from `list_images`.
+        num_channels: the channel count the bundle's network takes.
+        skip_bad_images: leave bad images out instead of stopping.
+    """
+    good = []
+    for item in items:
+        problem = image_problem(item["image"], num_channels)
+        if problem is None:
+            good.append(item)
+        elif skip_bad_images:
+            logging.getLogger(__name__).error(f"skipping image {item['image']!r}: it {problem}.")
+        else:
+            raise ValueError(f"image {item['image']!r} {problem}; pass --skip_bad_images True to segment the rest.")
+    if not good:
+        raise ValueError(f"none of the {len(items)} image(s) to segment can be processed (see the errors above).")
+    return good

@@ -16,14 +16,17 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from ignite.engine import Engine, Events  # noqa: E402
 
+from .atomic_files import atomic_path  # noqa: E402
+
 
 def save_figure(fig: plt.Figure, path: str) -> None:
     """Saves `fig` as PNG under a temporary name, then renames it, so a reader never sees half a file; closes it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    partial = os.path.join(os.path.dirname(path), f".partial-{os.getpid()}-{os.path.basename(path)}")
-    fig.savefig(partial, format="png")
-    plt.close(fig)
-    os.replace(partial, path)
+    try:
+        with atomic_path(path) as partial:
+            fig.savefig(partial, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _loss_of(output: Any) -> float:

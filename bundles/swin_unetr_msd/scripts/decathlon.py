@@ -11,7 +11,6 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
-import nibabel as nib
 from monai.data import load_decathlon_datalist
 
 from .datalist import build_datalist, check_pairs, first_cases
@@ -50,22 +49,6 @@ def check_task(dataset_dir: str, task: str, modality: Mapping, labels: Mapping) 
                 f"task {task!r} does not match {path}: its {setting} is {dict(ours)} "
                 f"but the folder's is {dict(theirs)} "
                 f"(choose the task file for this folder, or point dataset_dir at the {task} folder)."
-            )
-
-
-def image_channels(path: str) -> int:
-    """Number of channels of a NIfTI image (the Decathlon stores several as a 4th axis)."""
-    shape = nib.load(path).shape
-    return shape[3] if len(shape) > 3 else 1
-
-
-def check_channels(items: Sequence[Mapping], in_channels: int) -> None:
-    """Raises ValueError naming the first image whose channel count is not `in_channels`."""
-    for item in items:
-        found = image_channels(item["image"])
-        if found != in_channels:
-            raise ValueError(
-                f"image {item['image']!r} has {found} channel(s) but the task expects in_channels={in_channels}."
             )
 
 
@@ -110,6 +93,5 @@ def build_task_datalist(
         split = fold_split(cases, fold, num_folds)
     split["training"] = first_cases(split["training"], num_train_cases)
     everything = split["training"] + split["validation"]
-    check_pairs(everything, num_classes)
-    check_channels(everything, len(modality))
+    check_pairs(everything, num_classes, len(modality))
     return split

@@ -2,26 +2,25 @@
 
 MONAI's NibabelWriter saves straight to the final file name, so a run killed mid-write leaves a truncated
 segmentation that looks like a finished one. This writer saves beside it under a temporary name and renames it into
-place (an atomic step on one file system).
+place (`atomic_files`); the log names the final file.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 from monai.config import PathLike
 from monai.data import NibabelWriter
 
+from .atomic_files import atomic_path
+
 
 class AtomicNibabelWriter(NibabelWriter):
-    """NibabelWriter that writes `<folder>/.partial-<pid>-<name>` first, then renames it to `filename`."""
+    """NibabelWriter whose `write` leaves either the complete file at `filename` or nothing."""
 
     def write(self, filename: PathLike, verbose: bool = False, **obj_kwargs) -> None:
-        folder, name = os.path.split(os.fspath(filename))
-        partial = os.path.join(folder, f".partial-{os.getpid()}-{name}")
-        try:
-            super().write(partial, verbose=verbose, **obj_kwargs)
-            os.replace(partial, filename)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+        with atomic_path(os.fspath(filename)) as partial:
+            super().write(partial, verbose=False, **obj_kwargs)
+        if verbose:
+            logging.getLogger(__name__).info(f"written: {filename}")
