@@ -110,15 +110,23 @@ def test_bundle_training_task_runs_with_monai_label_overrides(bundle, tmp_path):
     cases = [{k: f"{data}/{v}" for k, v in case.items()} for case in cases]
     task = BundleTrainTask(str(app_bundle), conf={})
     const = BundleConstants()
+    handlers = task.bundle_config.get(const.key_train_handlers(), [])
     overrides = {
         const.key_bundle_root(): str(app_bundle),
         const.key_train_trainer_max_epochs(): 1,
         const.key_train_dataset_data(): cases[:2],
         const.key_validate_dataset_data(): cases[2:],
         const.key_device(): torch.device("cpu"),
-        const.key_train_handlers(): task.bundle_config.get(const.key_train_handlers(), []),
+        const.key_train_handlers(): handlers,
         "num_samples": TINY["num_samples"], "use_checkpoint": False, "val_interval": 1,
     }  # fmt: skip
+    # MONAI Label's "pretrained" option off: a fresh run, which must not replace the app's model.pt unasked
+    with pytest.raises(RuntimeError) as refused:
+        task.run_single_gpu({"run_id": "run"}, dict(overrides))
+    assert "already holds ['model.pt']" in str(refused.value.__cause__)
+    assert not (app_bundle / "models" / "checkpoint_epoch=1.pt").exists()
+    # its default ("pretrained" on) adds a loader of models/model.pt, as its __call__ does: training continues it
+    task._load_checkpoint(str(app_bundle / "models" / "model.pt"), True, handlers)
     task.run_single_gpu({"run_id": "run"}, overrides)
     assert (app_bundle / "models" / "checkpoint_epoch=1.pt").is_file()
     state = torch.load(app_bundle / "models" / "checkpoint_epoch=1.pt", weights_only=False)

@@ -145,7 +145,7 @@ def test_num_train_cases_keeps_the_first_cases_of_the_fold(tmp_path):
 @pytest.mark.parametrize("breakage, message", [
     ("missing_folder", "dataset_dir '{data}' does not exist or is not a folder"),
     ("wrong_task", "task 'Task01_BrainTumour' does not match {data}/dataset.json: its modality is"),
-    ("wrong_channels", "prostate_002.nii.gz' has 3 channel(s) but the task expects in_channels=2"),
+    ("wrong_channels", "prostate_002.nii.gz' has 3 channel(s) but the bundle expects 2"),
 ])  # fmt: skip
 def test_bad_task_folder_is_a_clear_error(breakage, message, tmp_path):
     data = tmp_path / "Task05_Prostate"
