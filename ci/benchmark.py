@@ -109,11 +109,7 @@ def child(args: argparse.Namespace) -> None:
     spec = json.loads(args.spec)
     sys.path.insert(0, os.path.dirname(os.path.dirname(spec["configs"][0])))  # as `monai.bundle run` does
     workflow = ConfigWorkflow(config_file=spec["configs"], workflow_type=None, **spec["overrides"])
-    workflow.initialize()
-    # `run` starts with the process-wide memory settings; they must precede building the engine, as in a real run
-    for setting in ("huge_pages", "memory_pool"):
-        if setting in workflow.parser:
-            workflow.parser.get_parsed_content(setting)
+    workflow.initialize()  # the process-wide memory settings, before the engine is built, as in a real run
     engine = workflow.parser.get_parsed_content(spec["engine"])
     import torch
 

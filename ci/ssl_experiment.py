@@ -3,7 +3,7 @@
 Drives only `python -m monai.bundle run` with the bundles' public settings; the runner itself makes data, the
 control encoder (the pre-trained one with each tensor's values shuffled) and the summary, never trains.
 
-    python ci/ssl_experiment.py --preset cpu --out_dir experiments/ssl_cpu     # about 90 minutes on 2 CPU cores
+    python ci/ssl_experiment.py --preset cpu --out_dir experiments/ssl_cpu     # the CPU experiment (2 cores)
     python ci/ssl_experiment.py --preset gpu --out_dir experiments/ssl_gpu     # paper-sized, for a GPU
     python ci/ssl_experiment.py --preset tiny --out_dir /tmp/ssl_tiny          # plumbing check (the test suite's)
 
@@ -66,7 +66,7 @@ class Preset:
 
 PRESETS = {
     "tiny": Preset(
-        fov_scale=0.45, num_unlabelled=2, num_val=1, num_test=1, label_counts=(1, 2), seeds=(0,), feature_size=12,
+        fov_scale=0.45, num_unlabelled=2, num_val=1, num_test=1, label_counts=(1,), seeds=(0,), feature_size=12,
         roi_size=64, pretrain_epochs=2, pretrain_batch=2, pretrain_val_every=2, finetune_steps=2,
         finetune_val_every=2, num_samples=1, extra={"use_checkpoint": False, "num_workers": 0, "sw_batch_size": 2},
     ),
@@ -374,7 +374,7 @@ def main(preset: str = "cpu", out_dir: str = "experiments/ssl_cpu") -> None:
     """Runs (or resumes) the experiment with `preset` ("tiny", "cpu" or "gpu") into `out_dir`; prints the summary.
 
     Args:
-        preset: "tiny" (plumbing, about two minutes), "cpu" (about 90 minutes on 2 cores) or "gpu" (paper-sized).
+        preset: "tiny" (a plumbing check), "cpu" (sized for a 2-core CPU) or "gpu" (paper-sized).
         out_dir: where everything goes; an existing one is resumed.
     """
     if preset not in PRESETS:

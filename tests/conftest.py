@@ -19,6 +19,7 @@ SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
 sys.path.insert(0, str(REPO / "ci"))
 
 import synthetic_ct  # noqa: E402
+from bundle_launcher import BundleLauncher  # noqa: E402
 
 # Small enough for 2 CPU cores: SwinUNETR needs sides divisible by 32, and 32^3 leaves a 1^3 bottleneck that
 # instance norm cannot normalise, so 64^3 is the smallest usable patch.
@@ -41,10 +42,37 @@ def overrides_to_args(overrides: dict) -> list[str]:
     return args
 
 
+_launcher: BundleLauncher | None = None
+
+
+def _bundle_env() -> dict[str, str]:
+    """The environment of a bundle run: this one, without what an in-process test's huge-pages setting added."""
+    env = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
+    return dict(env, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+
+
+def _forking_launcher() -> BundleLauncher | None:
+    """The suite's `BundleLauncher`, started at first use; None where CUDA is present (a fork is unsafe there)."""
+    global _launcher
+    import torch
+
+    if _launcher is None and not torch.cuda.is_available():
+        _launcher = BundleLauncher(_bundle_env(), str(REPO))
+    return _launcher
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _launcher is not None:
+        _launcher.close()
+
+
 def run_bundle(
     configs: Sequence[str | Path], run_id: str | None = None, torchrun: int = 0, check: bool = True, **overrides
 ) -> subprocess.CompletedProcess:
-    """Runs `python -m monai.bundle run` (or under `torchrun`) as a user would; returns the finished process."""
+    """Runs `python -m monai.bundle run` (or under `torchrun`) as a user would; returns the finished process.
+
+    Without `torchrun` and CUDA the run is a fork of a process with torch and MONAI imported (`bundle_launcher`).
+    """
     files = [str(c) for c in configs]
     config_arg = files[0] if len(files) == 1 else str(files)
     launcher = (
@@ -52,16 +80,28 @@ def run_bundle(
         if torchrun
         else [sys.executable]
     )
-    cmd = launcher + ["-m", "monai.bundle", "run"] + ([run_id] if run_id else []) + ["--config_file", config_arg]
-    cmd += overrides_to_args(overrides)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    # a hung distributed run must fail the test, not stall the suite
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    args = ["run"] + ([run_id] if run_id else []) + ["--config_file", config_arg] + overrides_to_args(overrides)
+    cmd = launcher + ["-m", "monai.bundle"] + args
+    forking = None if torchrun else _forking_launcher()
+    # a hung run must fail the test, not stall the suite
+    if forking is not None:
+        proc = forking.run(args, env=_bundle_env(), cwd=str(REPO), timeout=600)
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_bundle_env(), cwd=REPO, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def run_bundle_args(args: Sequence[str], cwd: str | Path = REPO) -> subprocess.CompletedProcess:
+    """`python -m monai.bundle ARGS` in `cwd` (forked as in `run_bundle` where possible); returns the finished run."""
+    forking = _forking_launcher()
+    if forking is not None:
+        return forking.run(list(args), env=_bundle_env(), cwd=str(cwd), timeout=600)
+    cmd = [sys.executable, "-m", "monai.bundle", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_bundle_env(), cwd=cwd, timeout=600)
 
 
 def verify_bundle_metadata(meta_file: Path, tmp_path: Path) -> None:

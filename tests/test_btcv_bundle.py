@@ -76,7 +76,7 @@ def test_plain_run_also_trains(btcv_data, tmp_path):
     assert len(loss_values(log)) == 4 and all(math.isfinite(v) for v in loss_values(log))
     if not torch.cuda.is_available():
         assert "cpu_memory_pool: freed memory stays in the process" in log
-        assert "patches_per_pass: training runs the network on 1 patch at a time, one optimizer step per batch" in log
+        assert "cpu_patches_per_pass: training runs the network on 1 patch at a time, one optimizer step" in log
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(trained, btcv_data, tmp_path):

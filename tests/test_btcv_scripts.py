@@ -472,9 +472,9 @@ def test_patchwise_iteration_runs_small_batches_whole_and_refuses_wrong_sizes():
 
     # gradients are synchronised across processes once a step, with the last part
     assert passes(2, 5) == [(2, False), (2, False), (1, True)]
-    assert passes(2, 2) == [(2, True)] and passes(0, 5) == [(5, True)]  # nothing to split
-    for wrong in (-1, 1.5, "1", True):
-        with pytest.raises(ValueError, match="patches_per_pass must be a whole number"):
+    assert passes(2, 2) == [(2, True)] and passes(None, 5) == [(5, True)]  # nothing to split
+    for wrong in (0, -1, 1.5, "1", True):
+        with pytest.raises(ValueError, match=r"^cpu_patches_per_pass must be a whole number of 1 or more, or null"):
             patchwise.PatchwiseIteration(wrong)
 
 
@@ -513,9 +513,9 @@ def test_group_norm_kernel_gives_the_instance_norms_outputs():
     with torch.no_grad():
         before = net(x).double()
         norms = sum(type(m) is torch.nn.InstanceNorm3d for m in net.modules())
-        assert fast_norm.use_group_norm_kernel(net) is net
+        assert fast_norm.use_fast_norm(net) is net
         after = net(x).double()
-    assert norms > 0 and sum(type(m) is fast_norm.ChannelwiseGroupNorm3d for m in net.modules()) == norms
+    assert norms > 0 and sum(type(m) is fast_norm.FastInstanceNorm3d for m in net.modules()) == norms
     assert not any(type(m) is torch.nn.InstanceNorm3d for m in net.modules())
     assert net.state_dict().keys() == original.keys()
     assert all(torch.equal(net.state_dict()[k], v) for k, v in original.items())
@@ -527,8 +527,8 @@ def test_group_norm_kernel_gives_the_instance_norms_outputs():
     torch.nn.init.normal_(affine[0].bias)
     y = torch.rand(2, 3, 5, 6, 7) + 2
     expected = affine(y)
-    fast_norm.use_group_norm_kernel(affine)
-    assert [type(m) for m in affine] == [fast_norm.ChannelwiseGroupNorm3d, torch.nn.InstanceNorm3d]
+    fast_norm.use_fast_norm(affine)
+    assert [type(m) for m in affine] == [fast_norm.FastInstanceNorm3d, torch.nn.InstanceNorm3d]
     torch.testing.assert_close(affine(y), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
         affine[0](y[0]),
@@ -539,7 +539,7 @@ def test_group_norm_kernel_gives_the_instance_norms_outputs():
         rtol=1e-5,
     )
     untouched = torch.nn.Sequential(torch.nn.InstanceNorm3d(3))
-    assert type(fast_norm.use_group_norm_kernel(untouched, enabled=False)[0]) is torch.nn.InstanceNorm3d
+    assert type(fast_norm.use_fast_norm(untouched, enabled=False)[0]) is torch.nn.InstanceNorm3d
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -547,7 +547,7 @@ def test_channels_last_maps_are_normalised_as_in_float64(affine):
     """Channels-last maps (`cpu_channels_last`) get two-pass statistics per depth slice: channels far from zero mean
     against their spread (as after a convolution with a large bias) and slices of different spread, batch of 2."""
     torch.manual_seed(0)
-    norm = fast_norm.ChannelwiseGroupNorm3d(4, affine=affine)
+    norm = fast_norm.FastInstanceNorm3d(4, affine=affine)
     if affine:
         torch.nn.init.normal_(norm.weight)
         torch.nn.init.normal_(norm.bias)
@@ -694,7 +694,7 @@ def test_fused_input_block_gives_the_basic_blocks_outputs(channels_last, affine)
     with torch.no_grad():
         block.layer.conv3.conv.weight[2] = 0  # a channel the residual branch leaves at zero
     if channels_last:
-        fast_norm.use_group_norm_kernel(block)
+        fast_norm.use_fast_norm(block)
         block = block.to(memory_format=torch.channels_last_3d)
     fused = fused_input_block.fuse_input_block(copy.deepcopy(block))
     assert type(fused) is fused_input_block.FusedInputBlock
@@ -825,6 +825,12 @@ def test_attention_masks_are_built_once_per_shape_and_give_the_same_outputs(monk
     net.train()
     net(x).sum().backward()  # would raise if an inference-mode mask were saved for backward
     assert len(built) == 2 * stages and all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    net.eval()  # TorchScript tracing builds its masks, so that two traces agree (a cached one would be a constant)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, x)  # checks the trace against a second one: raises if the graphs differ
+        assert torch.equal(traced(x), expected)
+    # the trace and the check's second trace build their own masks; the check's eager run reuses the cached ones
+    assert len(built) == 4 * stages and swin_unetr.compute_mask.cache_info().hits == 3 * stages
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -869,11 +875,11 @@ def test_chunked_window_attention_setting_is_checked():
     from monai.networks.nets.swin_unetr import WindowAttention
 
     net = SwinUNETR(1, 14, feature_size=12)
-    assert window_attention.chunk_window_attention(net, 0) is net
+    assert window_attention.chunk_window_attention(net, None) is net
     assert not any(type(m) is window_attention.ChunkedWindowAttention for m in net.modules())
     assert any(type(m) is WindowAttention for m in net.modules())
-    for wrong in (-1, True, "128", float("nan"), float("inf")):
-        with pytest.raises(ValueError, match=r"^attention_chunk_mb must be a number of megabytes >= 0"):
+    for wrong in (0, -1, True, "128", float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^cpu_attention_chunk_mb must be a number of megabytes > 0, or null"):
             window_attention.chunk_window_attention(net, wrong)
 
 

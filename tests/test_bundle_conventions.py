@@ -59,13 +59,14 @@ def test_inference_settings_are_exposed_and_used(bundle):
 @pytest.mark.parametrize(
     "bundle, name", [(b, "train.json") for b in BUNDLE_NAMES] + [(b, "inference.json") for b in SEGMENTATION_BUNDLES]
 )
-def test_yes_no_settings_are_checked_first_in_run(bundle, name):
+def test_yes_no_settings_are_checked_first(bundle, name):
     """Each top-level true/false setting goes through `check_flags` before anything else runs (`--amp false` is
     text), right after the hook that repeats the bundle's own error message last."""
     config = json.loads((BUNDLES / bundle / "configs" / name).read_text())
     computed = {
         "amp",
         "cpu_memory_pool",
+        "cpu_huge_pages",
         "cpu_fast_norm",
         "cpu_channels_last",
         "cpu_fused_upsampling",
@@ -78,6 +79,20 @@ def test_yes_no_settings_are_checked_first_in_run(bundle, name):
     assert config["flags_check"]["_target_"] == "scripts.checks.check_flags"
     assert {key for key in config["flags_check"] if key != "_target_"} == flags
     assert all(config["flags_check"][key] == f"@{key}" for key in flags)
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_run_is_the_checks_and_the_engine_call(bundle):
+    """Process settings are required by the engine, network rewrites are applied where the network is built, handlers
+    are in the engine's handler list: `run` reads as the checks (after the hook that puts the bundle's own message
+    last), then the run. They cannot go to `initialize`: MONAI puts the bundle's `scripts` on the path at `run`."""
+    for name in ("train.json", "evaluate.json", "inference.json"):  # the workflows (task_bundle.json is a tool)
+        path = BUNDLES / bundle / "configs" / name
+        run = json.loads(path.read_text()).get("run") if path.is_file() else None
+        if run is not None:
+            assert run[0] == "$@error_summary", f"{path.name}: {run}"
+            assert all(re.fullmatch(r"\$@\w+_check", step) for step in run[1:-1]), f"{path.name}: {run}"
+            assert re.fullmatch(r"\$@[\w#]+\.run\(\)", run[-1]), f"{path.name}: {run}"
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
@@ -102,24 +117,15 @@ def test_inference_config_stands_alone_for_monai_label(bundle):
     assert all(k.isdigit() for k in fmt["outputs"]["pred"]["channel_def"])
 
 
-# Bundles must work when copied alone (Model Zoo, MONAI Label), so the few helpers two bundles need are copied,
-# not shared; these tests keep the copies from drifting apart.
-COPIED_HELPERS = {
-    "checks.py": BUNDLE_NAMES, "checkpoints.py": BUNDLE_NAMES, "memory.py": BUNDLE_NAMES,
-    "datalist.py": SEGMENTATION_BUNDLES,
-    "metrics.py": SEGMENTATION_BUNDLES, "image_writer.py": SEGMENTATION_BUNDLES, "pretrained.py": SEGMENTATION_BUNDLES,
-    "curves.py": BUNDLE_NAMES, "overlays.py": SEGMENTATION_BUNDLES, "mixed_precision.py": BUNDLE_NAMES,
-    "finite_loss.py": BUNDLE_NAMES, "patchwise.py": SEGMENTATION_BUNDLES, "fast_norm.py": SEGMENTATION_BUNDLES,
-    "window_attention.py": BUNDLE_NAMES, "fused_upsampling.py": SEGMENTATION_BUNDLES,
-    "fused_input_block.py": SEGMENTATION_BUNDLES, "winograd_conv.py": SEGMENTATION_BUNDLES,
-    "cpu_inference.py": SEGMENTATION_BUNDLES, "atomic_files.py": BUNDLE_NAMES, "error_summary.py": BUNDLE_NAMES,
-}  # fmt: skip
+def test_shared_helpers_are_copied_from_their_one_source():
+    """Bundles must work when copied alone (Model Zoo, MONAI Label), so each carries a copy of the helpers it shares
+    with another; `common_scripts/` holds the one to edit and `ci/sync_scripts.py` writes the copies."""
+    sys.path.insert(0, str(BUNDLES.parent / "ci"))
+    import sync_scripts
 
-
-@pytest.mark.parametrize("module", COPIED_HELPERS)
-def test_copied_helpers_are_identical(module):
-    copies = {b: (BUNDLES / b / "scripts" / module).read_text() for b in COPIED_HELPERS[module]}
-    assert len(copies) >= 2 and len(set(copies.values())) == 1, f"{module} differs between {sorted(copies)}"
+    assert sorted(p.name for p in sync_scripts.SOURCE.glob("*.py")) == sorted(sync_scripts.COPIES)
+    assert sync_scripts.stale_copies() == []
+    assert all(len(bundles) >= 2 for bundles in sync_scripts.COPIES.values())
 
 
 def test_encoder_key_mapping_agrees_between_export_and_import():
@@ -191,8 +197,12 @@ def test_huge_pages_are_set_for_cpu_training_only(bundle, device):
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
     parser["device"] = f"$torch.device('{device}')"
-    assert parser["cpu_huge_pages"] is True
+    assert parser.get_parsed_content("cpu_huge_pages") is (device == "cpu")
     assert parser.get_parsed_content("huge_pages#enabled") is (device == "cpu")
+    # before anything allocates: the engine requires them first, and the ckpt_dir check requires the engine
+    assert parser["train#trainer#_requires_"] == ["@huge_pages", "@memory_pool", "@mask_cache"]
+    assert parser["ckpt_dir_check#_requires_"].replace("::", "#") == "@train#trainer"
+    assert list(parser["train#trainer"])[:2] == ["_target_", "_requires_"]
 
 
 @pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
@@ -229,8 +239,9 @@ def test_label_maps_are_monai_argmax_of_the_probabilities(bundle, config, key):
     parser.read_config([str(BUNDLES / bundle / "configs" / name) for name in names])
     with _scripts_of(bundle):
         transforms = parser.get_parsed_content(key).transforms
-        labelling = next(t for t in transforms if isinstance(t, Lambdad))
-        assert labelling is parser.get_parsed_content("argmax_labels")  # defined once, referenced
+        labelling = next(t for t in transforms if type(t).__name__ == "ArgmaxLabelsd")
+        assert type(labelling).__module__ == "scripts.labels"  # written once, in the bundle's scripts
+    assert not any(isinstance(t, Lambdad) for t in transforms)
     assert not any(any(t.argmax) for t in transforms if isinstance(t, AsDiscreted))
     torch.manual_seed(0)
     probabilities = torch.rand(4, 9, 8, 7).round(decimals=1)  # many ties
@@ -245,10 +256,13 @@ def test_label_maps_are_monai_argmax_of_the_probabilities(bundle, config, key):
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
-def test_training_stops_at_a_non_finite_loss(bundle):
-    """Appended last: multi_gpu_train.json disables handlers on ranks > 0 by their index in the list."""
+def test_training_stops_at_a_non_finite_loss_before_its_checkpoint(bundle):
+    """The check is attached before the interval checkpoint saver, so a NaN stops the run before it is saved."""
     handlers = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())["train"]["handlers"]
-    assert handlers[-1] == {"_target_": "scripts.finite_loss.FiniteLossCheck", "ckpt_dir": "@ckpt_dir"}
+    targets = [handler["_target_"] for handler in handlers]
+    check = targets.index("scripts.finite_loss.FiniteLossCheck")
+    assert handlers[check] == {"_target_": "scripts.finite_loss.FiniteLossCheck", "ckpt_dir": "@ckpt_dir"}
+    assert check < targets.index("scripts.checkpoints.SafeCheckpointSaver")
 
 
 @pytest.mark.parametrize("device, on_cpu", [("cpu", True), ("cuda:0", False)])
@@ -263,17 +277,17 @@ def test_cpu_fine_tuning_keeps_freed_memory_and_trains_one_patch_per_pass(bundle
         parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
         parser["device"], parser["feature_size"] = device, 12
         assert parser.get_parsed_content("memory_pool#enabled") is on_cpu
+        assert "@memory_pool" in parser["train#trainer#_requires_"]
         assert parser.get_parsed_content("flags_check")["cpu_fused_upsampling"] is on_cpu
-        run = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())["run"]
-        assert run.index("$@fused_upsampling") < run.index("$@train#trainer.run()")
-        assert parser.get_parsed_content("fused_upsampling#enabled") is on_cpu
-        if on_cpu:  # the network itself is built on the CPU only, where CI runs; the run step folds the trainer's
+        assert parser.get_parsed_content("prepared_network#fused_upsampling") is on_cpu
+        if on_cpu:  # the network itself is built on the CPU only, where CI runs; rewritten in place where it is built
             network = parser.get_parsed_content("network")
-            assert parser.get_parsed_content("fused_upsampling") is parser.get_parsed_content("network_def") is network
+            assert parser.get_parsed_content("network_def") is network
             assert type(network.decoder1).__name__ == "FusedUnetrUpBlock"
         assert parser["train#trainer#iteration_update"].replace("::", "#") == "@train#iteration"
         iteration = parser.get_parsed_content("train#iteration")
-        assert type(iteration).__name__ == "PatchwiseIteration" and iteration.patches_per_pass == (1 if on_cpu else 0)
+        assert type(iteration).__name__ == "PatchwiseIteration"
+        assert iteration.patches_per_pass == (1 if on_cpu else None)
         assert type(parser.get_parsed_content("validate#inferer")).__name__ == "SlidingWindowInferer"
         evaluation = ConfigParser()  # evaluate.json overrides train.json and inherits the setting
         evaluation.read_config([str(BUNDLES / bundle / "configs" / f) for f in ("train.json", "evaluate.json")])
@@ -303,14 +317,14 @@ def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bund
             assert parser.get_parsed_content("flags_check")["cpu_fused_input_block"] is on_cpu, files
             assert parser.get_parsed_content("flags_check")["cpu_winograd"] is on_cpu, files
             assert parser.get_parsed_content("mask_cache#enabled") is on_cpu, files
-            run = json.loads((configs / files[-1]).read_text())["run"]  # raw: the parser rewrites '#' in expressions
-            assert run[run.index("$@memory_pool") + 1] == "$@mask_cache", files
+            engine = "evaluator" if files == ["inference.json"] else "validate#evaluator"
+            assert parser[f"{engine}#_requires_"][-2:] == ["@memory_pool", "@mask_cache"], files
             if on_cpu:  # the network itself is built on the CPU only, where CI runs
                 import torch
 
                 network = parser.get_parsed_content("network")
                 types = {type(m).__name__ for m in network.modules()}
-                assert "ChannelwiseGroupNorm3d" in types and "InstanceNorm3d" not in types, files
+                assert "FastInstanceNorm3d" in types and "InstanceNorm3d" not in types, files
                 assert type(network.decoder1).__name__ == "FusedUnetrUpBlock", files
                 single_channel = parser.get_parsed_content("network_def#in_channels") == 1
                 assert (type(network.encoder1).__name__ == "FusedInputBlock") is single_channel, files
@@ -327,35 +341,33 @@ def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bund
         training.read_config(str(configs / "train.json"))
         training["device"], training["feature_size"] = "cpu", 12
         types = {type(m).__name__ for m in training.get_parsed_content("network").modules()}
-        assert "ChannelwiseGroupNorm3d" not in types and "FusedUnetrUpBlock" not in types
+        assert "FastInstanceNorm3d" not in types and "WinogradConv3d" not in types  # inference-only rewrites
 
 
 @pytest.mark.parametrize("device, on_cpu", [("cpu", True), ("cuda:0", False)])
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
 def test_cpu_training_computes_window_attention_in_groups_of_windows(bundle, device, on_cpu):
-    """CPU training switches `network_def`'s window attention in `run` (docs/performance.md), before the trainer runs,
-    so that `multi_gpu_train.json` and MONAI Label, which use train.json's run, get it too, and reuses attention masks
-    (evaluation too); CUDA keeps MONAI's blocks."""
+    """CPU training switches `network_def`'s window attention in place where the network is built
+    (`prepared_network`, docs/performance.md), so that `multi_gpu_train.json`, which wraps the same object, gets it
+    too, and reuses attention masks (evaluation too); CUDA keeps MONAI's blocks."""
     from monai.bundle import ConfigParser
 
     with _scripts_of(bundle):
         parser = ConfigParser()
         parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
         parser["device"], parser["feature_size"] = device, 12
-        assert parser.get_parsed_content("attention_chunk_mb") == (128 if on_cpu else 0)
-        run = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())["run"]
-        assert run.index("$@memory_pool") < run.index("$@attention_chunks") < run.index("$@train#trainer.run()")
-        assert run.index("$@memory_pool") < run.index("$@mask_cache") < run.index("$@train#trainer.run()")
+        assert parser.get_parsed_content("cpu_attention_chunk_mb") == (128 if on_cpu else None)
+        assert parser["train#trainer#_requires_"][-2:] == ["@memory_pool", "@mask_cache"]
         assert parser.get_parsed_content("mask_cache#enabled") is on_cpu  # reused shifted-window masks
-        evaluation = json.loads((BUNDLES / bundle / "configs" / "evaluate.json").read_text())["run"]
-        assert evaluation[evaluation.index("$@memory_pool") + 1] == "$@mask_cache"
-        network = parser.get_parsed_content("network_def")
-        assert "WindowAttention" in {type(m).__name__ for m in network.modules()}
-        assert parser.get_parsed_content("attention_chunks") is network
+        evaluation = json.loads((BUNDLES / bundle / "configs" / "evaluate.json").read_text())
+        assert evaluation["validate#evaluator#_requires_"] == ["@memory_pool", "@mask_cache"]
+        network = parser.get_parsed_content("prepared_network")
+        assert network is parser.get_parsed_content("network_def")
         types = {type(m).__name__ for m in network.modules()}
         assert ("ChunkedWindowAttention" in types) is on_cpu and ("WindowAttention" in types) is not on_cpu
         multi_gpu = json.loads((BUNDLES / bundle / "configs" / "multi_gpu_train.json").read_text())
-        assert multi_gpu["network"]["module"] == "$@network_def.to(@device)" and "run" not in multi_gpu
+        assert multi_gpu["network"]["module"] == "$@prepared_network.to(@device)" and "run" not in multi_gpu
+        assert "initialize" not in multi_gpu and "+initialize" in multi_gpu  # appended to train.json's
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)

@@ -1,6 +1,7 @@
 """`scripts.memory`: with freed memory kept, or with huge pages, a network's forward passes fault in far fewer pages."""
 
 import functools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,8 @@ import pytest
 from conftest import BUNDLES
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# a fresh process as a user starts it: not the variable an in-process bundle test may have set in this one
+FRESH_ENV = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
 
 
 @functools.cache
@@ -16,7 +19,9 @@ def _faults(setting: str | None) -> int:
     """Page faults of one forward pass after a warm-up, in a fresh process, with `setting` on (None: neither)."""
     enable = f"from scripts.memory import {setting}; print({setting}(True))" if setting else "print(False)"
     code = PROBE.format(bundle=str(BUNDLES / "swin_unetr_btcv"), enable=enable)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=FRESH_ENV
+    ).stdout.split()
     assert out[0] == str(setting is not None)
     return int(out[1])
 
@@ -63,7 +68,7 @@ def test_pool_keeps_the_freed_memory_of_all_threads_in_one_heap():
     arenas = {}
     for enabled in (False, True):
         code = ARENAS.format(bundle=str(BUNDLES / "swin_unetr_btcv"), enabled=enabled)
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=FRESH_ENV)
         assert proc.stdout.split() == [str(enabled)]
         arenas[enabled] = sum(line.startswith("Arena ") for line in proc.stderr.splitlines())
     assert arenas[False] >= 4  # glibc gives each new allocating thread an arena of its own (measured: 9)
@@ -89,6 +94,6 @@ import logging; logging.basicConfig(level=logging.INFO)
 from scripts.memory import use_huge_pages
 print(use_huge_pages(True))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=FRESH_ENV)
     assert proc.stdout.split() == ["False"]
     assert "cpu_huge_pages: PyTorch did not take THP_MEM_ALLOC_ENABLE" in proc.stderr

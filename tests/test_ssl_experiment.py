@@ -7,6 +7,7 @@ import os
 import pytest
 import ssl_experiment
 import torch
+from conftest import run_bundle_args
 
 
 @pytest.mark.parametrize("differences, verdict", [
@@ -30,6 +31,24 @@ def test_summary_pairs_the_seeds_both_arms_finished(tmp_path):
     assert (tmp_path / "dice_vs_labelled_cases.png").is_file()
 
 
+def forked_bundle_run(args: list[str], log_path: str) -> None:
+    """`ssl_experiment.bundle_run` through the suite's forking launcher (same command, working folder and log)."""
+    proc = run_bundle_args(["run", *args], cwd=os.getcwd())
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "w") as log:
+        log.write(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"{proc.stderr[-3000:]}\nbundle run failed (exit {proc.returncode}); full log: {log_path}")
+
+
+def test_a_failed_bundle_run_raises_with_the_end_of_its_log(tmp_path):
+    """The runner's own launcher (a fresh `python -m monai.bundle`), which the tiny run below replaces by a fork."""
+    log = tmp_path / "logs" / "broken.log"
+    with pytest.raises(RuntimeError, match=r"bundle run failed \(exit 1\); full log: .*broken\.log"):
+        ssl_experiment.bundle_run(["--config_file", str(tmp_path / "missing.json")], str(log))
+    assert "missing.json" in log.read_text()
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """The tiny preset, given a relative out_dir as a user would type it."""
@@ -37,7 +56,9 @@ def tiny_run(tmp_path_factory):
     here = os.getcwd()
     os.chdir(out.parent)
     try:
-        ssl_experiment.main(preset="tiny", out_dir=out.name)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ssl_experiment, "bundle_run", forked_bundle_run)
+            ssl_experiment.main(preset="tiny", out_dir=out.name)
     finally:
         os.chdir(here)
     return out

@@ -106,8 +106,13 @@ def test_progress_bar_on_a_terminal_only(btcv_data, tmp_path, tracked_run):
             "--max_epochs", "1", "--val_interval", "1"] + overrides_to_args(TINY)  # fmt: skip
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(BTCV / "train.json")] + args
     terminal = run_on_terminal(cmd)
-    assert "Iteration: [4/4] 100%" in terminal and "loss=" in terminal
-    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d\]", terminal)  # elapsed<remaining
+    # one bar over the whole run, with the time left, the epoch and the loss; one while validation runs
+    assert re.search(r"training: +100%\|[^\r\n]*\| 4/4 \[\d\d:\d\d<00:00, [^\]]*epoch=1/1, loss=\d", terminal)
+    assert re.search(r"training: +25%\|[^\r\n]*\| 1/4 \[\d\d:\d\d<\d\d:\d\d,", terminal)  # a time left at once
+    assert re.search(r"validation: +\d+%\|", terminal)
+    segments = re.split(r"[\r\n]", terminal)  # a log line never shares a terminal line with a bar
+    assert any(" - INFO - " in segment for segment in segments)
+    assert not [segment for segment in segments if " - INFO - " in segment and "%|" in segment]
     piped = (tracked_run / "run.log").read_text()  # the same training, its output piped
     assert "Epoch: 2/2, Iter: 4/4" in piped
-    assert "Iteration: [" not in piped and "loss=" not in piped
+    assert not re.search(r"(training|validation): +\d+%\|", piped) and "loss=" not in piped

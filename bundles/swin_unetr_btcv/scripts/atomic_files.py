@@ -1,3 +1,4 @@
+# Copied from common_scripts/atomic_files.py by ci/sync_scripts.py: edit that file, then run the script.
 """Files that appear complete or not at all.
 
 A file is written beside its final name as `.partial-<pid>-<name>`, flushed to disk and renamed into place (one

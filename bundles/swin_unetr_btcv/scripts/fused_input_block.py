@@ -1,3 +1,4 @@
+# Copied from common_scripts/fused_input_block.py by ci/sync_scripts.py: edit that file, then run the script.
 """SwinUNETR's first encoder block on a single-channel image, computed with less memory traffic for faster CPU
 inference with the same outputs.
 
@@ -13,8 +14,7 @@ arithmetic:
 Outputs are within float32 rounding of MONAI's (measurements: `docs/performance.md` in the repository).
 
 Only float32 maps without gradients take this path (inference and evaluation; the opt-in bfloat16 autocast and
-training run MONAI's forward). Parameter names and values are unchanged, so checkpoints load either way. This file
-is a bundle-local copy (identical in the fine-tuning bundles) so each bundle works when copied alone.
+training run MONAI's forward). Parameter names and values are unchanged, so checkpoints load either way.
 """
 
 from __future__ import annotations

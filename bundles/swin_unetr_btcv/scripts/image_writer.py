@@ -1,3 +1,4 @@
+# Copied from common_scripts/image_writer.py by ci/sync_scripts.py: edit that file, then run the script.
 """NIfTI output that never appears half-written.
 
 MONAI's NibabelWriter saves straight to the final file name, so a run killed mid-write leaves a truncated

@@ -1,3 +1,4 @@
+# Copied from common_scripts/checkpoints.py by ci/sync_scripts.py: edit that file, then run the script.
 """Checkpoints that are never lost, and a resume that continues exactly.
 
 MONAI's `CheckpointSaver` writes straight to the final name, and ignite's `Checkpoint` removes the predecessor
@@ -137,11 +138,14 @@ class SafeCheckpointSaver(CheckpointSaver):
     Args:
         save_dir: the folder to save to.
         save_dict: the objects to save, as for `CheckpointSaver`.
+        engine_key: also save the state of the engine the saver is attached to, under this key (the engine cannot
+            be in `save_dict` when the saver is one of its own handlers).
         kwargs: the other arguments of `CheckpointSaver`.
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any) -> None:
-        super().__init__(save_dir, save_dict, **kwargs)
+    def __init__(self, save_dir: str, save_dict: dict, engine_key: str | None = None, **kwargs: Any) -> None:
+        super().__init__(save_dir, dict(save_dict), **kwargs)
+        self.engine_key = engine_key
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 checkpoint.save_handler = _AtomicDiskSaver(save_dir, checkpoint.save_handler.filename)
@@ -150,6 +154,11 @@ class SafeCheckpointSaver(CheckpointSaver):
         if self._interval_checkpoint is not None:  # earlier files rank below anything this run saves
             earlier = reversed(numbered_checkpoints(save_dir))
             self._interval_checkpoint._saved = [Checkpoint.Item(-1, os.path.basename(p)) for p in earlier]
+
+    def attach(self, engine: Engine) -> None:
+        if self.engine_key is not None:
+            self.save_dict[self.engine_key] = engine  # the dict ignite's checkpoints save
+        super().attach(engine)
 
     def state_dict(self) -> dict[str, Any]:
         """The best-score tracking of the key-metric checkpoint (empty when the saver keeps none)."""
@@ -161,9 +170,23 @@ class SafeCheckpointSaver(CheckpointSaver):
 
 
 class CheckedCheckpointLoader(CheckpointLoader):
-    """MONAI's `CheckpointLoader` whose error names the file when it cannot be read or does not fit the network."""
+    """MONAI's `CheckpointLoader` whose error names the file when it cannot be read or does not fit the network.
+
+    Args:
+        load_path: the checkpoint file.
+        load_dict: the objects to load, as for `CheckpointLoader`.
+        engine_key: also restore the engine it is attached to from this key (to resume a training run: the engine
+            cannot be in `load_dict` when the loader is one of its own handlers).
+        kwargs: the other arguments of `CheckpointLoader`.
+    """
+
+    def __init__(self, load_path: str, load_dict: dict, engine_key: str | None = None, **kwargs: Any) -> None:
+        super().__init__(load_path, dict(load_dict), **kwargs)
+        self.engine_key = engine_key
 
     def __call__(self, engine: Engine) -> None:
+        if self.engine_key is not None:
+            self.load_dict[self.engine_key] = engine
         try:
             super().__call__(engine)
         except Exception as error:
@@ -171,6 +194,9 @@ class CheckedCheckpointLoader(CheckpointLoader):
                 f"cannot load weights from {self.load_path} ({type(error).__name__}: {str(error)[:300]}); "
                 "the file may be empty, truncated or saved from a network with other settings."
             ) from error
+        if self.engine_key is not None:
+            logger.info(f"resuming from {self.load_path} after epoch {engine.state.epoch}, "
+                        f"iteration {engine.state.iteration}")  # fmt: skip
 
 
 def _random_transforms(transform: Any, seen: set[int] | None = None) -> Iterator[Randomizable]:
@@ -237,16 +263,3 @@ class RandomStates:
             )
         for transform, state in zip(self.transforms, state_dict["transforms"]):
             transform.R.set_state(_numpy_tuple(state))
-
-
-def resume(loader: CheckpointLoader | None, trainer: Engine) -> None:
-    """Loads the checkpoint into `trainer` before it runs (so ignite's log reports the restored epoch), if resuming.
-
-    Args:
-        loader: the checkpoint loader, or None when the run does not resume.
-        trainer: the training engine.
-    """
-    if loader is None:
-        return
-    loader(trainer)
-    logger.info(f"resumed from {loader.load_path} at epoch {trainer.state.epoch}, iteration {trainer.state.iteration}")

@@ -1,3 +1,4 @@
+# Copied from common_scripts/checks.py by ci/sync_scripts.py: edit that file, then run the script.
 """Early checks of settings whose mistakes would otherwise surface only after data loading."""
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ def check_roi_size(roi_size: Sequence[int], name: str = "roi_size") -> list[int]
             f"use e.g. {[math.ceil(s / SWIN_DIVISOR) * SWIN_DIVISOR for s in sizes]}."
         )
     return sizes
+
+
+def check_patches_per_pass(patches_per_pass: int | None) -> int | None:
+    """Returns `cpu_patches_per_pass` (patches or sub-volumes per network pass; None: the whole batch at once), or
+    raises ValueError naming the setting."""
+    if patches_per_pass is not None and (
+        isinstance(patches_per_pass, bool) or not isinstance(patches_per_pass, int) or patches_per_pass < 1
+    ):
+        raise ValueError(
+            f"cpu_patches_per_pass must be a whole number of 1 or more, or null (the whole batch in one pass), "
+            f"got {patches_per_pass!r}."
+        )
+    return patches_per_pass
 
 
 def check_flags(**flags: Any) -> dict[str, bool]:

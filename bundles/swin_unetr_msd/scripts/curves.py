@@ -1,3 +1,4 @@
+# Copied from common_scripts/curves.py by ci/sync_scripts.py: edit that file, then run the script.
 """A picture of how training went: loss per iteration and the validation key metric, as a PNG.
 
 TensorBoard and MLflow hold the same numbers, but need a server to look at; this file opens anywhere. MONAI has

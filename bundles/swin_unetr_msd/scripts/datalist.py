@@ -1,3 +1,4 @@
+# Copied from common_scripts/datalist.py by ci/sync_scripts.py: edit that file, then run the script.
 """Training/validation lists from the BTCV folder layout or a Decathlon-style JSON, checked before training.
 
 MONAI's `load_decathlon_datalist` reads a JSON but neither finds BTCV's `img0001`/`label0001` pairs nor checks

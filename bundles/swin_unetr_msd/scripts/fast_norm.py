@@ -1,3 +1,4 @@
+# Copied from common_scripts/fast_norm.py by ci/sync_scripts.py: edit that file, then run the script.
 """Instance norm through PyTorch's group-norm kernel, for faster float32 inference on a CPU with the same outputs.
 
 PyTorch computes `nn.InstanceNorm3d` on a CPU through batch norm over a reshaped input, which is slower than its
@@ -12,8 +13,7 @@ al.'s pairwise update), then one pass writes the output: ~1e-6 off float64.
 
 The swap gained nothing measurable in training, so only inference and evaluation use it, and the channels-last path
 runs without gradients only. Parameter names and values are unchanged, so checkpoints load either way. Measurements:
-`docs/performance.md` in the repository. This file is a bundle-local copy (identical in the fine-tuning bundles) so
-each bundle works when copied alone.
+`docs/performance.md` in the repository.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-class ChannelwiseGroupNorm3d(nn.InstanceNorm3d):
+class FastInstanceNorm3d(nn.InstanceNorm3d):
     """`nn.InstanceNorm3d` without running statistics, computed by the group-norm kernel with one channel a group."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ def channels_last_instance_norm(
     return out.to(x.dtype).permute(0, 4, 1, 2, 3)
 
 
-def use_group_norm_kernel(network: nn.Module, enabled: bool = True) -> nn.Module:
+def use_fast_norm(network: nn.Module, enabled: bool = True) -> nn.Module:
     """Returns `network`, whose instance norms (without running statistics) are swapped in place when `enabled`."""
     if not enabled:
         return network
@@ -71,7 +71,7 @@ def use_group_norm_kernel(network: nn.Module, enabled: bool = True) -> nn.Module
     for parent in list(network.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.InstanceNorm3d and not child.track_running_stats:
-                norm = ChannelwiseGroupNorm3d(child.num_features, eps=child.eps, affine=child.affine)
+                norm = FastInstanceNorm3d(child.num_features, eps=child.eps, affine=child.affine)
                 norm.load_state_dict(child.state_dict())
                 setattr(parent, name, norm.to(child.weight.device) if child.affine else norm)
                 swapped += 1

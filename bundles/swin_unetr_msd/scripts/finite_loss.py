@@ -1,10 +1,10 @@
+# Copied from common_scripts/finite_loss.py by ci/sync_scripts.py: edit that file, then run the script.
 """Stopping training at the first loss that is NaN or infinite.
 
 Ignite's `TerminateOnNan` ends such a run as if it had finished (exit status 0), and MONAI's engines carry on
 through NaN otherwise, writing NaN weights into every later checkpoint. `FiniteLossCheck` raises instead, before the
 epoch's checkpoint is written, so the run fails with a one-line reason and the last checkpoint still holds finite
-weights to resume from. This file is a bundle-local copy (identical in every bundle) so each bundle works when copied
-alone.
+weights to resume from.
 """
 
 from __future__ import annotations

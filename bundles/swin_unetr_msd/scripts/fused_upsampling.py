@@ -1,3 +1,4 @@
+# Copied from common_scripts/fused_upsampling.py by ci/sync_scripts.py: edit that file, then run the script.
 """SwinUNETR's last decoder block with its transposed convolution folded into the convolutions after it, for faster
 inference and training on a CPU with the same outputs and gradients.
 
@@ -16,8 +17,7 @@ folded, `decoder2` was no faster and `decoder3` to `decoder5` slower (composing 
 more than it saves on their smaller maps). Weights are composed on every call, so they
 follow any checkpoint loaded after the swap, and in training the gradients flow through the composition to the
 block's own weights; the backward pass keeps neither the upsampled map nor the concatenation, which lowers the
-peak memory of a fine-tuning step. Parameter names and values are unchanged. This
-file is a bundle-local copy (identical in the fine-tuning bundles) so each bundle works when copied alone.
+peak memory of a fine-tuning step. Parameter names and values are unchanged.
 """
 
 from __future__ import annotations

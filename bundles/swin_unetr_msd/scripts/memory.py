@@ -1,3 +1,4 @@
+# Copied from common_scripts/memory.py by ci/sync_scripts.py: edit that file, then run the script.
 """CPU memory settings: huge pages for PyTorch's large tensors, and keeping freed memory for reuse.
 
 glibc returns freed buffers above its mmap threshold (at most 32 MB) to the OS at once, so many large tensors of a

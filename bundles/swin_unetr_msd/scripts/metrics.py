@@ -1,3 +1,4 @@
+# Copied from common_scripts/metrics.py by ci/sync_scripts.py: edit that file, then run the script.
 """Surface-distance metrics in millimetres.
 
 MONAI's HausdorffDistanceMetric and SurfaceDiceMetric take a `spacing` argument, but its ignite handlers call

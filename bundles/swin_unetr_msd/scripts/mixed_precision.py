@@ -1,3 +1,4 @@
+# Copied from common_scripts/mixed_precision.py by ci/sync_scripts.py: edit that file, then run the script.
 """Mixed precision for the forward pass on CPUs that compute in bfloat16 natively.
 
 MONAI's engines apply AMP through `torch.autocast("cuda")` only, so on a CPU their `amp` flag does nothing. On CPUs
@@ -6,8 +7,7 @@ in bfloat16 and activations take half the memory. `AutocastInferer` runs a MONAI
 `torch.autocast("cpu", dtype=torch.bfloat16)` and hands back float32 outputs, so that the loss and the backward pass
 stay outside autocast, as PyTorch recommends for AMP. bfloat16 has float32's exponent range, so no gradient scaler is
 needed. The train configs use it by default (`amp`); the inference configs only with `--amp True`, because bfloat16
-probabilities differ from float32 ones by up to a few hundredths and flip the label of voxels near a tie. This file is a
-bundle-local copy (identical in every bundle) so each bundle works when copied alone.
+probabilities differ from float32 ones by up to a few hundredths and flip the label of voxels near a tie.
 """
 
 from __future__ import annotations

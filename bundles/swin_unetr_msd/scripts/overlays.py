@@ -1,3 +1,4 @@
+# Copied from common_scripts/overlays.py by ci/sync_scripts.py: edit that file, then run the script.
 """Per-case pictures of an evaluation: prediction and ground truth over the image, through the largest structure.
 
 Dice tables say how much is wrong, a picture says where. MONAI's image handlers write to TensorBoard only and show

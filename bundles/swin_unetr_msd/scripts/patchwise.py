@@ -1,3 +1,4 @@
+# Copied from common_scripts/patchwise.py by ci/sync_scripts.py: edit that file, then run the script.
 """Training on a batch of patches a few at a time, for the same step with less memory per pass.
 
 A fine-tuning step takes `batch_size * num_samples` patches (4 by default). Through SwinUNETR in one pass, the
@@ -8,8 +9,7 @@ time, so only one group's activations are alive at once, and lets the optimizer 
 over the groups with the loss of each group weighted by its share of the batch. The network normalises every patch
 on its own (instance and layer norms) and DiceCE averages over patches, so loss and gradients are those of one pass
 over the batch (`tests/test_btcv_scripts.py`). MONAI's `accumulation_steps` accumulates over iterations, i.e. over
-batches of the data loader, not over parts of one batch, hence this `iteration_update`. This file is a bundle-local
-copy (identical in the fine-tuning bundles) so each bundle works when copied alone.
+batches of the data loader, not over parts of one batch, hence this `iteration_update`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 from monai.utils import CommonKeys
+
+from .checks import check_patches_per_pass
 
 logger = logging.getLogger(__name__)
 
@@ -79,26 +81,22 @@ class PatchwiseIteration:
     the bundle's DiceCE does; a loss that pools the batch first (e.g. `DiceLoss(batch=True)`) sees each part alone.
 
     Args:
-        patches_per_pass: patches per forward/backward pass; 0 runs the whole batch in one pass (MONAI's iteration
-            unchanged), as does any batch of at most that many patches.
+        patches_per_pass: patches per forward/backward pass (setting `cpu_patches_per_pass`); None runs the whole
+            batch in one pass (MONAI's iteration unchanged), as does any batch of at most that many patches.
     """
 
-    def __init__(self, patches_per_pass: int = 0) -> None:
-        if isinstance(patches_per_pass, bool) or not isinstance(patches_per_pass, int) or patches_per_pass < 0:
-            raise ValueError(
-                f"patches_per_pass must be a whole number, 0 (whole batch) or more, got {patches_per_pass!r}."
-            )
-        self.patches_per_pass = patches_per_pass
-        if patches_per_pass:
+    def __init__(self, patches_per_pass: int | None = None) -> None:
+        self.patches_per_pass = check_patches_per_pass(patches_per_pass)
+        if patches_per_pass is not None:
             logger.info(
-                f"patches_per_pass: training runs the network on {patches_per_pass} patch"
+                f"cpu_patches_per_pass: training runs the network on {patches_per_pass} patch"
                 f"{'es' if patches_per_pass > 1 else ''} at a time, one optimizer step per batch"
             )
 
     def __call__(self, engine: Any, batchdata: dict[str, Any]) -> Any:
         size = self.patches_per_pass
         images = batchdata.get(CommonKeys.IMAGE) if isinstance(batchdata, dict) else None
-        if size == 0 or not isinstance(images, torch.Tensor) or images.shape[0] <= size:
+        if size is None or not isinstance(images, torch.Tensor) or images.shape[0] <= size:
             return engine._iteration(engine, batchdata)
         batch_size = images.shape[0]
         loss_function, optimizer, scaler = engine.loss_function, engine.optimizer, getattr(engine, "scaler", None)

@@ -1,3 +1,4 @@
+# Copied from common_scripts/pretrained.py by ci/sync_scripts.py: edit that file, then run the script.
 """Initialising SwinUNETR's encoder from a self-supervised `model_swinvit.pt`, loudly.
 
 `SwinUNETR.load_from` copies the encoder but says nothing about what it loaded and fails deep inside with an

@@ -1,3 +1,4 @@
+# Copied from common_scripts/window_attention.py by ci/sync_scripts.py: edit that file, then run the script.
 """Window attention over groups of windows, so that training on a CPU keeps its memory pool small; reused masks.
 
 While gradients are needed, MONAI's `WindowAttention` materialises the attention weights of all windows of a block at
@@ -5,7 +6,7 @@ once (its SDPA path is for inference only, and PyTorch's fused CPU attention has
 that carries the learned relative-position table): on a 96^3 patch the first stage has 343 windows x 3 heads x 343^2
 float32 weights, hundreds of MB per tensor and several per block. Under `cpu_memory_pool` glibc seldom finds such a
 block free in its heap and extends the heap instead, to more than twice the live tensors. Running MONAI's own forward
-on groups of windows whose weights take at most `attention_chunk_mb` each gives the same outputs and gradients (each
+on groups of windows whose weights take at most `cpu_attention_chunk_mb` each gives the same outputs and gradients (each
 window is attended on its own) and keeps the heap close to the live tensors.
 
 MONAI's `BasicLayer` rebuilds the shifted-window attention mask (windows x tokens^2 values, and as many again in
@@ -13,8 +14,6 @@ temporaries) on every forward pass, although it depends only on the padded grid,
 it does so on every patch, where the allocations also grow the memory pool's heap. `cache_attention_masks`
 memoises MONAI's `compute_mask` (the module attribute `BasicLayer` looks up on each call), since MONAI offers no
 way to pass a precomputed mask.
-
-This file is a bundle-local copy (identical in all three bundles) so each bundle works when copied alone.
 """
 
 from __future__ import annotations
@@ -56,19 +55,20 @@ class ChunkedWindowAttention(WindowAttention):
         return torch.cat(outputs, dim=1).view(rows, tokens, channels)
 
 
-def chunk_window_attention(network: nn.Module, max_chunk_mb: float) -> nn.Module:
+def chunk_window_attention(network: nn.Module, max_chunk_mb: float | None) -> nn.Module:
     """Returns `network`, whose window attention blocks are switched in place to compute at most `max_chunk_mb`
-    megabytes of attention weights at a time; 0 leaves MONAI's blocks as they are."""
-    if isinstance(max_chunk_mb, bool) or not isinstance(max_chunk_mb, (int, float)) or not 0 <= max_chunk_mb < math.inf:
-        raise ValueError(f"attention_chunk_mb must be a number of megabytes >= 0 (0: all windows at once), got "
-                         f"{max_chunk_mb!r}.")  # fmt: skip
-    if max_chunk_mb == 0:
+    megabytes of attention weights at a time (setting `cpu_attention_chunk_mb`); None leaves MONAI's blocks as they
+    are."""
+    if max_chunk_mb is None:
         return network
+    if isinstance(max_chunk_mb, bool) or not isinstance(max_chunk_mb, (int, float)) or not 0 < max_chunk_mb < math.inf:
+        raise ValueError(f"cpu_attention_chunk_mb must be a number of megabytes > 0, or null (all windows at once), "
+                         f"got {max_chunk_mb!r}.")  # fmt: skip
     blocks = [m for m in network.modules() if type(m) in (WindowAttention, ChunkedWindowAttention)]
     for block in blocks:
         block.__class__ = ChunkedWindowAttention  # same parameters and state-dict keys; only `forward` differs
         block.max_chunk_bytes = int(max_chunk_mb * 2**20)
-    logger.info(f"attention_chunk_mb: {len(blocks)} window attention blocks compute at most {max_chunk_mb} MB of "
+    logger.info(f"cpu_attention_chunk_mb: {len(blocks)} window attention blocks compute at most {max_chunk_mb} MB of "
                 "attention weights at a time")  # fmt: skip
     return network
 
@@ -76,7 +76,7 @@ def chunk_window_attention(network: nn.Module, max_chunk_mb: float) -> nn.Module
 def cache_attention_masks(enabled: bool = True, max_masks: int = 8) -> bool:
     """Makes MONAI's Swin layers reuse their shifted-window attention masks (the last `max_masks` shapes) in this
     process when `enabled`; returns whether masks are reused. The masks are built with autograd on (they hold no
-    gradient), so that a mask first built in inference mode also serves training."""
+    gradient), so that a mask first built in inference mode also serves training; TorchScript tracing builds its own."""
     if enabled and not hasattr(swin_unetr.compute_mask, "cache_info"):
         build = swin_unetr.compute_mask
 
@@ -87,6 +87,8 @@ def cache_attention_masks(enabled: bool = True, max_masks: int = 8) -> bool:
 
         @functools.wraps(build)
         def compute_mask(dims, window_size, shift_size, device):  # MONAI's signature
+            if torch.jit.is_tracing():  # a cached mask would enter the trace as a constant of the first input's grid
+                return build(dims, window_size, shift_size, device)
             return cached(tuple(dims), tuple(window_size), tuple(shift_size), torch.device(device))
 
         compute_mask.cache_info = cached.cache_info  # type: ignore[attr-defined]

@@ -1,3 +1,4 @@
+# Copied from common_scripts/winograd_conv.py by ci/sync_scripts.py: edit that file, then run the script.
 """3^3 convolutions with half the multiplications along one axis (Winograd's F(4,3)), for faster float32 inference
 on a CPU with the same outputs within float32 rounding.
 
@@ -14,8 +15,7 @@ Outputs are within ~3e-5 of a float64 computation for values up to ~6 (oneDNN's 
 
 Only float32 channels-last maps without gradients take this path (inference and evaluation), with a last axis of a
 multiple of 4, at least `MIN_VOXELS` voxels and `MIN_CHANNELS` input channels: smaller or narrower maps were no faster
-or slower. Parameter names and values are unchanged, so checkpoints load either way. This file is a
-bundle-local copy (identical in the fine-tuning bundles) so each bundle works when copied alone.
+or slower. Parameter names and values are unchanged, so checkpoints load either way.
 """
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Copied from common_scripts/error_summary.py by ci/sync_scripts.py: edit that file, then run the script.
 """The bundle's own message as the last line of a failed run.
 
 MONAI wraps an error raised while it builds or runs a component in one of its own ("Failed to instantiate ...",

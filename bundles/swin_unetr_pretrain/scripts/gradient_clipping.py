@@ -15,8 +15,8 @@ class GradientClipHandler:
     """Clips the global gradient norm of the trainer's network to `max_norm` before each optimizer step."""
 
     def __init__(self, max_norm: float) -> None:
-        if max_norm <= 0:
-            raise ValueError(f"max_norm must be positive, got {max_norm}.")
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+            raise ValueError(f"grad_clip_norm must be a positive number, or null (no clipping), got {max_norm!r}.")
         self.max_norm = max_norm
 
     def attach(self, engine: SupervisedTrainer) -> None:

@@ -8,6 +8,8 @@ import torch
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
+from .checks import check_patches_per_pass
+
 NUM_ROTATIONS = 4  # 0, 90, 180, 270 degrees
 
 
@@ -20,9 +22,10 @@ class SSLHead(nn.Module):
     `forward` returns a dict with the outputs of the enabled heads: "rotation" (B, 4) logits, "contrastive"
     (B, projection_dim) embeddings and "reconstruction" (B, in_channels, *spatial) images.
 
-    `encoder_pass_size` > 0 runs the encoder on that many sub-volumes at a time (same results: the Swin encoder
-    treats every sample on its own). On a CPU this keeps the window-attention tensors, GBs each for a batch of 96^3
-    views, small enough for a memory pool to reuse them; 0 encodes the whole batch at once, fastest on a GPU.
+    `patches_per_pass` (setting `cpu_patches_per_pass`) runs the encoder on that many sub-volumes at a time (same
+    results: the Swin encoder treats every sample on its own). On a CPU this keeps the window-attention tensors, GBs
+    each for a batch of 96^3 views, small enough for a memory pool to reuse them; None encodes the whole batch at
+    once, fastest on a GPU.
     """
 
     def __init__(
@@ -39,14 +42,10 @@ class SSLHead(nn.Module):
         use_rotation: bool = True,
         use_contrastive: bool = True,
         use_inpainting: bool = True,
-        encoder_pass_size: int = 0,
+        patches_per_pass: int | None = None,
     ) -> None:
         super().__init__()
-        if encoder_pass_size < 0:
-            raise ValueError(
-                f"encoder_pass_size must be 0 (whole batch) or a positive number, got {encoder_pass_size}."
-            )
-        self.encoder_pass_size = encoder_pass_size
+        self.patches_per_pass = check_patches_per_pass(patches_per_pass)
         self.swinViT = SwinTransformer(
             in_chans=in_channels,
             embed_dim=feature_size,
@@ -64,7 +63,7 @@ class SSLHead(nn.Module):
         self.inpainting_head = _upsampling_decoder(bottleneck, in_channels, stages=5) if use_inpainting else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = x.split(self.encoder_pass_size) if self.encoder_pass_size > 0 else [x]
+        parts = x.split(self.patches_per_pass) if self.patches_per_pass is not None else [x]
         bottleneck = torch.cat([self.swinViT(part.contiguous())[-1] for part in parts])  # (B, C, D/32, H/32, W/32)
         tokens = bottleneck.flatten(start_dim=2).transpose(1, 2)  # (B, N, C)
         out: dict[str, torch.Tensor] = {}

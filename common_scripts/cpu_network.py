@@ -1,0 +1,50 @@
+"""The network rewrites for CPU training and inference, applied where the configs build the network, each switched
+by its own `cpu_*` setting. Each changes how the network computes, not its parameters: checkpoints load either way.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .fast_norm import use_fast_norm
+from .fused_input_block import fuse_input_block
+from .fused_upsampling import fuse_upsampling
+from .window_attention import chunk_window_attention
+from .winograd_conv import use_winograd
+
+
+def for_cpu_training(
+    network: nn.Module, attention_chunk_mb: float | None = None, fused_upsampling: bool = True
+) -> nn.Module:
+    """Returns `network` with the rewrites that support gradients applied in place.
+
+    Args:
+        network: a MONAI SwinUNETR.
+        attention_chunk_mb: the most megabytes of attention weights computed at a time (`window_attention.py`);
+            None computes all windows at once.
+        fused_upsampling: fold each decoder upsampling into the convolution after it (`fused_upsampling.py`).
+    """
+    chunk_window_attention(network, attention_chunk_mb)
+    return fuse_upsampling(network, fused_upsampling)
+
+
+def for_cpu_inference(
+    network: nn.Module,
+    fast_norm: bool = True,
+    fused_upsampling: bool = True,
+    fused_input_block: bool = True,
+    winograd: bool = True,
+) -> nn.Module:
+    """Returns `network` with the inference rewrites applied in place.
+
+    Args:
+        network: a MONAI SwinUNETR.
+        fast_norm: instance norms through the group-norm kernel (`fast_norm.py`).
+        fused_upsampling: fold each decoder upsampling into the convolution after it (`fused_upsampling.py`).
+        fused_input_block: the full-resolution input block as one computation (`fused_input_block.py`).
+        winograd: Winograd F(4,3) for the 3^3 convolutions that gain from it (`winograd_conv.py`).
+    """
+    use_fast_norm(network, fast_norm)
+    fuse_upsampling(network, fused_upsampling)
+    fuse_input_block(network, fused_input_block)
+    return use_winograd(network, winograd)

@@ -1,0 +1,119 @@
+"""Per-case pictures of an evaluation: prediction and ground truth over the image, through the largest structure.
+
+Dice tables say how much is wrong, a picture says where. MONAI's image handlers write to TensorBoard only and show
+one slice of the resampled volume; this writes `<output_dir>/<case>.png` with axial, coronal and sagittal slices
+through the centre of the largest labelled structure, in the image's original space turned to RAS for display,
+ground truth in the top row and prediction in the bottom row, both as coloured overlays.
+"""
+
+from __future__ import annotations
+
+import os
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from ignite.engine import Engine, Events  # noqa: E402
+
+from .curves import save_figure  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+
+def _as_label_map(array: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(C, ...) one-hot or (1, ...) labels -> integer label map (...)."""
+    data = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    return data.argmax(0) if data.shape[0] > 1 else data[0].astype(np.int64)
+
+
+def _ras_transform(affine: np.ndarray) -> np.ndarray:
+    return nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt("RAS")
+    )
+
+
+def _to_ras(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Reorders/flips the three spatial axes so that they run R, A, S (display only, no resampling)."""
+    return nib.orientations.apply_orientation(volume, _ras_transform(affine))
+
+
+def _ras_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size along the R, A, S axes of `_to_ras`'s output."""
+    spacing, ras = np.empty(3), _ras_transform(affine)
+    spacing[ras[:, 0].astype(int)] = nib.affines.voxel_sizes(affine)[:3]
+    return spacing
+
+
+def _centre_of_largest(label: np.ndarray) -> tuple[int, ...]:
+    values, counts = np.unique(label[label > 0], return_counts=True)
+    if not values.size:
+        return tuple(s // 2 for s in label.shape)
+    return tuple(int(round(c)) for c in np.argwhere(label == values[counts.argmax()]).mean(0))
+
+
+def draw_case(
+    image: np.ndarray, truth: np.ndarray, pred: np.ndarray, spacing: np.ndarray, title: str, path: str, num_classes: int
+) -> None:
+    """Writes a 2x3 PNG: ground truth / prediction over axial, coronal and sagittal slices (RAS volumes, their
+    voxel `spacing` in mm, so that anisotropic voxels are shown with their true proportions)."""
+    centre = _centre_of_largest(truth)
+    colours = plt.get_cmap("tab20", 20)(np.arange(20))[: max(num_classes, 2)]
+    cmap = ListedColormap(colours)
+    low, high = np.percentile(image, [1, 99])
+    views = {  # (slice, row/column pixel aspect); anterior or superior up
+        "axial": (lambda v: np.rot90(v[:, :, centre[2]]), spacing[1] / spacing[0]),
+        "coronal": (lambda v: np.rot90(v[:, centre[1], :]), spacing[2] / spacing[0]),
+        "sagittal": (lambda v: np.rot90(v[centre[0], :, :]), spacing[2] / spacing[1]),
+    }
+    fig, axes = plt.subplots(2, 3, figsize=(11, 7.5), dpi=90)
+    for row, (name, labels) in enumerate((("ground truth", truth), ("prediction", pred))):
+        for col, (view, (cut, aspect)) in enumerate(views.items()):
+            ax = axes[row, col]
+            ax.imshow(cut(image), cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect)
+            overlay = np.ma.masked_equal(cut(labels), 0)  # background stays see-through
+            ax.imshow(
+                overlay, cmap=cmap, vmin=0, vmax=len(colours) - 1, alpha=0.5, interpolation="nearest", aspect=aspect
+            )
+            ax.set_title(f"{name}, {view}", fontsize=9)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+class SegmentationOverlaySaver:
+    """Evaluator handler: one PNG per case from the decollated batch and output's `image_key`, `label_key` and
+    `pred_key` (all in the same space; one-hot or label maps)."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        num_classes: int,
+        image_key: str = "original_image",
+        label_key: str = "label",
+        pred_key: str = "pred",
+    ) -> None:
+        self.output_dir, self.num_classes = output_dir, num_classes
+        self.image_key, self.label_key, self.pred_key = image_key, label_key, pred_key
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        # postprocessing leaves keys it did not create (such as the original image) in the batch, not the output
+        for batch_item, output_item in zip(engine.state.batch, engine.state.output):
+            item = {**batch_item, **output_item}
+            image = item[self.image_key]
+            affine = np.asarray(image.affine) if hasattr(image, "affine") else np.eye(4)
+            name = (
+                os.path.basename(str(image.meta.get("filename_or_obj", "case"))) if hasattr(image, "meta") else "case"
+            )
+            name = name.split(".nii")[0]
+            volume = _to_ras(np.asarray(image.detach().cpu())[0], affine)
+            truth = _to_ras(_as_label_map(item[self.label_key]), affine)
+            pred = _to_ras(_as_label_map(item[self.pred_key]), affine)
+            title = f"{name}: ground truth (top) and prediction (bottom), largest structure's centre"
+            path = os.path.join(self.output_dir, f"{name}.png")
+            draw_case(volume, truth, pred, _ras_spacing(affine), title, path, self.num_classes)
