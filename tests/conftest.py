@@ -67,11 +67,17 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def run_bundle(
-    configs: Sequence[str | Path], run_id: str | None = None, torchrun: int = 0, check: bool = True, **overrides
+    configs: Sequence[str | Path],
+    run_id: str | None = None,
+    torchrun: int = 0,
+    check: bool = True,
+    rank_logs: Path | None = None,
+    **overrides,
 ) -> subprocess.CompletedProcess:
     """Runs `python -m monai.bundle run` (or under `torchrun`) as a user would; returns the finished process.
 
     Without `torchrun` and CUDA the run is a fork of a process with torch and MONAI imported (`bundle_launcher`).
+    With `rank_logs` (and `torchrun`) each rank's output goes to files there instead.
     """
     files = [str(c) for c in configs]
     config_arg = files[0] if len(files) == 1 else str(files)
@@ -80,6 +86,8 @@ def run_bundle(
         if torchrun
         else [sys.executable]
     )
+    if rank_logs is not None:  # torchrun writes each rank's output to rank_logs/<run>/attempt_0/<rank>/std*.log
+        launcher += [f"--log-dir={rank_logs}", "--redirects=3"]
     args = ["run"] + ([run_id] if run_id else []) + ["--config_file", config_arg] + overrides_to_args(overrides)
     cmd = launcher + ["-m", "monai.bundle"] + args
     forking = None if torchrun else _forking_launcher()

@@ -1,6 +1,7 @@
 """The BTCV bundle end to end through `python -m monai.bundle`: train, resume, evaluate, infer, multi-GPU, export."""
 
 import csv
+import json
 import math
 import re
 import shutil
@@ -203,19 +204,42 @@ def test_bad_data_is_a_clear_error(breakage, message, tmp_path):
 
 
 def test_multi_gpu_config_runs_two_processes_on_cpu(btcv_data, tmp_path):
-    """Two patches a step, which a CPU runs one per forward/backward pass, DDP synchronising gradients once."""
-    proc = run_bundle(
-        [TRAIN, MULTI_GPU], "training", torchrun=2, dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=1, val_fraction=0.4,
-        **dict(TINY, num_samples=2),
+    """Two patches a step, which a CPU runs one per forward/backward pass, DDP synchronising gradients once; only
+    rank 0 logs (the other ranks print warnings and errors only)."""
+    run_bundle(
+        [TRAIN, MULTI_GPU], "training", torchrun=2, rank_logs=tmp_path / "ranks", dataset_dir=str(btcv_data),
+        ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=1,
+        val_fraction=0.4, **dict(TINY, num_samples=2),
     )  # fmt: skip
-    log = proc.stdout + proc.stderr
+    (rank0,), (rank1,) = (list((tmp_path / "ranks").glob(f"*/attempt_0/{rank}")) for rank in (0, 1))
+    log, other = ("".join(p.read_text() for p in folder.glob("std*.log")) for folder in (rank0, rank1))
     assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
     assert (tmp_path / "models" / "model.pt").is_file()
     # 3 training cases shared by 2 ranks (padded to 4): each rank runs 2 iterations; only rank 0 logs them.
-    assert len(loss_values(log)) == 2
+    assert len(loss_values(log)) == 2 and "input summary" in log and "Saved checkpoint" in log
+    # MONAI logs its logging set-up before the config can act; nothing else at INFO
+    info = [line for line in other.splitlines() if " - INFO - " in line]
+    assert len(info) == 1 and "Setting logging properties based on config" in info[0], info
     writers = {p.name.split(".")[-2] for p in (tmp_path / "eval").glob("events.out.tfevents.*")}
     assert len(writers) == 1, "only rank 0 writes TensorBoard logs"
+
+
+@pytest.mark.parametrize("bundle", ["swin_unetr_btcv", "swin_unetr_msd", "swin_unetr_pretrain"])
+def test_fewer_validation_cases_than_processes_is_said_before_training(bundle):
+    """MONAI's DistributedSampler stops such a run once it has started; the check says it first, with the remedy."""
+    load_bundle_scripts(bundle)
+    from scripts.checks import check_cases_per_process
+
+    assert check_cases_per_process(2, "raise --val_fraction", world_size=2) == 2
+    assert check_cases_per_process(1, "raise --val_fraction") == 1  # one process, not distributed
+    with pytest.raises(
+        ValueError, match=r"^1 validation case\(s\) for 2 processes: .* raise --val_fraction, or start at most 1"
+    ):
+        check_cases_per_process(1, "raise --val_fraction", world_size=2)
+    multi_gpu = json.loads((BUNDLES / bundle / "configs" / "multi_gpu_train.json").read_text())
+    assert multi_gpu["validate#sampler"]["_requires_"] == "@validate#cases_check"
+    assert multi_gpu["validate#cases_check"]["num_cases"] == "$len(@validate#dataset)"
+    assert "$logging.disable(logging.INFO) if dist.get_rank() > 0 else None" in multi_gpu["+initialize"]
 
 
 @pytest.mark.parametrize("workflow_type, config", [("train", TRAIN), ("infer", INFERENCE)])

@@ -18,7 +18,7 @@ from monai.networks.nets import SwinUNETR
 
 scripts = load_bundle_scripts("swin_unetr_btcv")
 from scripts import (  # noqa: E402
-    checkpoints, checks, datalist, fast_norm, finite_loss, fused_input_block, fused_upsampling, metrics,
+    checkpoints, checks, curves, datalist, fast_norm, finite_loss, fused_input_block, fused_upsampling, metrics,
     mixed_precision, patchwise, pretrained, window_attention, winograd_conv,
 )  # fmt: skip
 
@@ -31,6 +31,23 @@ def small_btcv(tmp_path):
 def test_bundle_root_is_the_bundle_folder():
     root = scripts.bundle_root()
     assert os.path.isfile(os.path.join(root, "configs", "train.json"))
+
+
+def test_training_curves_log_the_loss_and_the_key_metric_at_the_trainer_iteration(tmp_path):
+    """MONAI's MetricLogger records, its plot_metric_graph draws: after each validation and at the end."""
+    from ignite.engine import Engine, Events
+
+    validator = Engine(lambda engine, batch: None)
+    validator.state.key_metric_name = "val_mean_dice"
+    validator.add_event_handler(Events.COMPLETED, lambda e: e.state.metrics.update(val_mean_dice=0.1 * e.state.epoch))
+    trainer = Engine(lambda engine, batch: [{"loss": torch.tensor(1.0 / (engine.state.iteration + 1))}])
+    plot = curves.TrainingCurvesPlot(str(tmp_path), validator=validator)
+    plot.attach(trainer)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=2), lambda _: validator.run([0]))
+    trainer.run(range(5), max_epochs=4)
+    assert [step for step, _ in plot.loss] == list(range(1, 21)) and plot.loss[0][1] == pytest.approx(0.5)
+    assert plot.metrics["val_mean_dice"] == [(10, pytest.approx(0.1)), (20, pytest.approx(0.1))]
+    assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --- data lists -------------------------------------------------------------------------------------------------

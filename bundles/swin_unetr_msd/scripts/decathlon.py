@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
-from monai.data import load_decathlon_datalist
+from monai.data import load_decathlon_datalist, partition_dataset
 
 from .datalist import build_datalist, check_pairs, first_cases
 
@@ -61,9 +61,11 @@ def fold_split(items: Sequence[dict], fold: int, num_folds: int = 5) -> dict[str
             f"{num_folds}-fold cross-validation needs at least {num_folds} labelled cases, found {len(items)}."
         )
     ordered = sorted(items, key=lambda item: item["image"])
+    # MONAI's partition_dataset deals the cases out in turn (case i to part i % num_folds); training keeps case order
+    validation = set(partition_dataset(list(range(len(ordered))), num_partitions=num_folds)[fold])
     return {
-        "training": [c for i, c in enumerate(ordered) if i % num_folds != fold],
-        "validation": [c for i, c in enumerate(ordered) if i % num_folds == fold],
+        "training": [c for i, c in enumerate(ordered) if i not in validation],
+        "validation": [c for i, c in enumerate(ordered) if i in validation],
     }
 
 

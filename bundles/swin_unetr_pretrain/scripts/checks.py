@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch.distributed as dist
+
 # SwinUNETR halves the resolution five times (patch embedding + four merging stages).
 SWIN_DIVISOR = 32
 
@@ -36,6 +38,27 @@ def check_patches_per_pass(patches_per_pass: int | None) -> int | None:
             f"got {patches_per_pass!r}."
         )
     return patches_per_pass
+
+
+def check_cases_per_process(num_cases: int, remedy: str, world_size: int | None = None) -> int:
+    """Returns `num_cases`, or raises ValueError when a distributed run has fewer validation cases than processes.
+
+    MONAI's `DistributedSampler` stops such a run with "dataset length is less than the number of participating
+    ranks" once training has started; this says it before, with what to change.
+
+    Args:
+        num_cases: the validation cases.
+        remedy: the settings that give more validation cases, as the message names them.
+        world_size: the number of processes (default: that of the initialised process group, else 1).
+    """
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if num_cases < world_size:
+        raise ValueError(
+            f"{num_cases} validation case(s) for {world_size} processes: each process validates at least one; "
+            f"{remedy}, or start at most {num_cases} processes."
+        )
+    return num_cases
 
 
 def check_flags(**flags: Any) -> dict[str, bool]:
