@@ -22,7 +22,6 @@ TASK_FILES = sorted((CONFIGS / "tasks").glob("Task*.json"))
 CASES = {
     "Task09_Spleen": ((120, 110, 36), (0.8, 0.8, 2.5)),
     "Task01_BrainTumour": ((64, 60, 40), (1.0, 1.0, 1.0)),
-    "Task05_Prostate": ((100, 96, 12), (0.625, 0.625, 3.6)),
     "Task04_Hippocampus": ((34, 50, 36), (1.0, 1.0, 1.0)),
 }
 
