@@ -41,8 +41,8 @@ def label_colours(num_classes: int) -> np.ndarray:
 
 def legend_entries(truth: np.ndarray, pred: np.ndarray, names: Mapping[int, str]) -> list[tuple[int, str]]:
     """(label, name) of every structure in the ground truth or the prediction, background left out."""
-    present = sorted(set(np.unique(truth).tolist()) | set(np.unique(pred).tolist()) - {0})
-    return [(int(label), names.get(int(label), f"label {label}")) for label in present if label != 0]
+    present = sorted((set(np.unique(truth).tolist()) | set(np.unique(pred).tolist())) - {0})
+    return [(int(label), names.get(int(label), f"label {label}")) for label in present]
 
 
 def _as_label_map(array: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -90,12 +90,11 @@ def run_bundle(
         launcher += [f"--log-dir={rank_logs}", "--redirects=3"]
     args = ["run"] + ([run_id] if run_id else []) + ["--config_file", config_arg] + overrides_to_args(overrides)
     cmd = launcher + ["-m", "monai.bundle"] + args
-    forking = None if torchrun else _forking_launcher()
     # a hung run must fail the test, not stall the suite
-    if forking is not None:
-        proc = forking.run(args, env=_bundle_env(), cwd=str(REPO), timeout=600)
-    else:
+    if torchrun:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_bundle_env(), cwd=REPO, timeout=600)
+    else:
+        proc = run_bundle_args(args)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
