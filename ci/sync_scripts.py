@@ -30,6 +30,7 @@ COPIES: dict[str, tuple[str, ...]] = {
     "memory.py": ALL,
     "mixed_precision.py": ALL,
     "progress.py": ALL,
+    "tracking.py": ALL,
     "window_attention.py": ALL,
     "cpu_network.py": SEGMENTATION,
     "datalist.py": SEGMENTATION,

@@ -75,6 +75,7 @@ def test_yes_no_settings_are_checked_first(bundle, name):
         "cpu_winograd",
     }  # yes/no settings whose inference defaults are expressions
     flags = {key for key, value in config.items() if isinstance(value, bool) or key in computed}
+    flags.discard("save_execute_config")  # MONAI's own, read while the workflow is built (scripts/tracking.py)
     assert config["run"][:2] == ["$@error_summary", "$@flags_check"]
     assert config["flags_check"]["_target_"] == "scripts.checks.check_flags"
     assert {key for key in config["flags_check"] if key != "_target_"} == flags
@@ -200,7 +201,7 @@ def test_huge_pages_are_set_for_cpu_training_only(bundle, device):
     assert parser.get_parsed_content("cpu_huge_pages") is (device == "cpu")
     assert parser.get_parsed_content("huge_pages#enabled") is (device == "cpu")
     # before anything allocates: the engine requires them first, and the ckpt_dir check requires the engine
-    assert parser["train#trainer#_requires_"] == ["@huge_pages", "@memory_pool", "@mask_cache"]
+    assert parser["train#trainer#_requires_"] == ["@huge_pages", "@memory_pool", "@mask_cache", "@mlflow_details"]
     assert parser["ckpt_dir_check#_requires_"].replace("::", "#") == "@train#trainer"
     assert list(parser["train#trainer"])[:2] == ["_target_", "_requires_"]
 
@@ -318,7 +319,7 @@ def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bund
             assert parser.get_parsed_content("flags_check")["cpu_winograd"] is on_cpu, files
             assert parser.get_parsed_content("mask_cache#enabled") is on_cpu, files
             engine = "evaluator" if files == ["inference.json"] else "validate#evaluator"
-            assert parser[f"{engine}#_requires_"][-2:] == ["@memory_pool", "@mask_cache"], files
+            assert parser[f"{engine}#_requires_"][-3:] == ["@memory_pool", "@mask_cache", "@mlflow_details"], files
             if on_cpu:  # the network itself is built on the CPU only, where CI runs
                 import torch
 
@@ -357,10 +358,10 @@ def test_cpu_training_computes_window_attention_in_groups_of_windows(bundle, dev
         parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
         parser["device"], parser["feature_size"] = device, 12
         assert parser.get_parsed_content("cpu_attention_chunk_mb") == (128 if on_cpu else None)
-        assert parser["train#trainer#_requires_"][-2:] == ["@memory_pool", "@mask_cache"]
+        assert parser["train#trainer#_requires_"][1:3] == ["@memory_pool", "@mask_cache"]
         assert parser.get_parsed_content("mask_cache#enabled") is on_cpu  # reused shifted-window masks
         evaluation = json.loads((BUNDLES / bundle / "configs" / "evaluate.json").read_text())
-        assert evaluation["validate#evaluator#_requires_"] == ["@memory_pool", "@mask_cache"]
+        assert evaluation["validate#evaluator#_requires_"] == ["@memory_pool", "@mask_cache", "@mlflow_details"]
         network = parser.get_parsed_content("prepared_network")
         assert network is parser.get_parsed_content("network_def")
         types = {type(m).__name__ for m in network.modules()}

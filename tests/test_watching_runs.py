@@ -1,16 +1,19 @@
 """Watching runs: MLflow tracking, progress on a terminal (quiet elsewhere), and the pictures each workflow writes."""
 
 import fcntl
+import json
 import os
+import shutil
 import pty
 import re
 import struct
 import subprocess
 import sys
 import termios
+from pathlib import Path
 
 import pytest
-from conftest import BUNDLES, REPO, TINY, overrides_to_args, run_bundle
+from conftest import BUNDLES, REPO, TINY, overrides_to_args, run_bundle, run_bundle_args
 from PIL import Image
 
 BTCV = BUNDLES / "swin_unetr_btcv" / "configs"
@@ -28,18 +31,26 @@ def png_size(path):
 
 @pytest.fixture(scope="module")
 def tracked_run(btcv_data, tmp_path_factory):
-    """Two epochs of tiny BTCV training with `--tracking mlflow`, its output piped; returns the run folder, which
-    holds what it printed in `run.log`."""
+    """Two epochs of tiny BTCV training with `--tracking mlflow`, as a user runs a downloaded bundle: a copy of the
+    bundle, started from another folder, with the default `output_dir` and `ckpt_dir` (inside the copy); its output
+    piped. Returns the copy's folder, which holds what the run printed in `run.log`."""
     out = tmp_path_factory.mktemp("tracked")
-    proc = run_bundle(
-        [BTCV / "train.json"], "training", tracking="mlflow", dataset_dir=str(btcv_data), ckpt_dir=str(out / "models"),
-        output_dir=str(out / "eval"), max_epochs=2, val_interval=1, **TINY,
-    )  # fmt: skip
-    (out / "run.log").write_text(proc.stdout + proc.stderr)
-    return out
+    bundle = out / "swin_unetr_btcv"
+    shutil.copytree(BTCV.parent, bundle, ignore=shutil.ignore_patterns("eval", "*.pt", "__pycache__"))
+    elsewhere = out / "elsewhere"
+    elsewhere.mkdir()
+    args = ["run", "training", "--config_file", str(bundle / "configs" / "train.json"), "--tracking", "mlflow"]
+    args += overrides_to_args(dict(dataset_dir=str(btcv_data), max_epochs=2, val_interval=1, **TINY))
+    proc = run_bundle_args(args, cwd=elsewhere)
+    (bundle / "run.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return bundle
 
 
-def test_mlflow_records_params_losses_and_metrics(tracked_run):
+def test_mlflow_records_settings_losses_metrics_config_and_pictures(tracked_run):
+    """A tracked run can be reproduced from the store: every public setting is a param (as the run resolved it),
+    the merged config and the training curves are artifacts, the loss is logged per iteration and the validation
+    Dice per epoch."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tracked_run / 'eval' / 'mlruns.db'}")
@@ -47,29 +58,52 @@ def test_mlflow_records_params_losses_and_metrics(tracked_run):
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    assert int(run.data.params["max_epochs"]) == 2
+    params = run.data.params
+    assert int(params["max_epochs"]) == 2
+    assert params["learning_rate"] == "0.0001" and params["feature_size"] == "12" and params["seed"] == "0"
+    assert params["roi_size"] == "[64, 64, 64]" and params["num_samples"] == "1"
+    assert params["output_dir"] == str(tracked_run / "eval") and params["use_pretrained"] == "False"
+    assert params["pretrained_path"].endswith("/../swin_unetr_pretrain/models/model_swinvit.pt")
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 8  # 4 cases x 2 epochs
     dice = client.get_metric_history(run.info.run_id, "val_mean_dice")
     assert len(dice) == 2 and all(0.0 <= m.value <= 1.0 for m in dice)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    (config_name,) = [name for name in artifacts if name.startswith("config_") and name.endswith(".json")]
+    assert artifacts == {config_name, "training_curves.png"}
+    config = json.loads(Path(client.download_artifacts(run.info.run_id, config_name)).read_text())
+    assert config["feature_size"] == 12 and config["max_epochs"] == 2 and config["dataset_dir"] == params["dataset_dir"]
+    assert os.listdir(tracked_run.parent / "elsewhere") == []  # nothing written where it started
 
 
 def test_training_writes_a_curve_plot(tracked_run):
     assert png_size(tracked_run / "eval" / "training_curves.png") == (800, 450)
 
 
-def test_evaluation_writes_one_overlay_picture_per_case(tracked_run, btcv_data):
+def test_evaluation_writes_one_overlay_picture_per_case_and_tracks_them(tracked_run, btcv_data):
+    """Evaluation's pictures, also logged to MLflow with the merged config when `--output_dir` is plain text (MONAI's
+    own config copy logged the text `"<dir> + '/config_...json'"` as its path)."""
+    from mlflow.tracking import MlflowClient
+
+    out = tracked_run / "evaluation"
     run_bundle(
-        [BTCV / "train.json", BTCV / "evaluate.json"], dataset_dir=str(btcv_data), ckpt_dir=str(tracked_run / "models"),
-        output_dir=str(tracked_run / "evaluation"), val_fraction=0.4, **TINY,
+        [BTCV / "train.json", BTCV / "evaluate.json"], tracking="mlflow", dataset_dir=str(btcv_data),
+        ckpt_dir=str(tracked_run / "models"), output_dir=str(out), val_fraction=0.4, **TINY,
     )  # fmt: skip
-    pictures = sorted(p.name for p in (tracked_run / "evaluation" / "pictures").iterdir())
+    pictures = sorted(p.name for p in (out / "pictures").iterdir())
     assert pictures == ["img0004.png", "img0005.png"]
-    assert png_size(tracked_run / "evaluation" / "pictures" / "img0004.png") == (990, 675)
+    assert png_size(out / "pictures" / "img0004.png") == (990, 675)
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.params["output_dir"] == str(out) and run.data.params["val_fraction"] == "0.4"
+    logged = sorted(a.path for a in client.list_artifacts(run.info.run_id))  # MONAI logs a folder's files flat
+    assert len(logged) == 3 and logged[0].startswith("config_") and logged[1:] == ["img0004.png", "img0005.png"]
 
 
-def test_pretraining_validation_writes_reconstruction_pictures(tmp_path, btcv_data):
+def test_pretraining_validation_writes_reconstruction_pictures_and_tracks_them(tmp_path, btcv_data):
+    from mlflow.tracking import MlflowClient
+
     run_bundle(
-        [PRETRAIN / "train.json"], "training", dataset_dir=str(btcv_data / "imagesTr"),
+        [PRETRAIN / "train.json"], "training", tracking="mlflow", dataset_dir=str(btcv_data / "imagesTr"),
         ckpt_dir=str(tmp_path / "models"),
         output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=2, **SSL_TINY,
     )  # fmt: skip
@@ -77,6 +111,14 @@ def test_pretraining_validation_writes_reconstruction_pictures(tmp_path, btcv_da
     assert pictures == ["reconstruction_1.png", "reconstruction_2.png"]
     assert png_size(tmp_path / "eval" / "pictures" / "reconstruction_1.png") == (810, 810)
     assert (tmp_path / "eval" / "training_curves.png").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.params["temperature"] == "0.5" and run.data.params["roi_size"] == "[64, 64, 32]"
+    for term in ("total", "inpaint", "contrast", "rotation"):  # 4 training cases, one epoch
+        assert len(client.get_metric_history(run.info.run_id, term)) == 4, term
+    logged = sorted(a.path for a in client.list_artifacts(run.info.run_id))
+    assert logged[0].startswith("config_")
+    assert logged[1:] == ["reconstruction_1.png", "reconstruction_2.png", "training_curves.png"]
 
 
 def run_on_terminal(cmd, timeout=600) -> str:
