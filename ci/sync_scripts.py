@@ -34,6 +34,7 @@ COPIES: dict[str, tuple[str, ...]] = {
     "window_attention.py": ALL,
     "cpu_network.py": SEGMENTATION,
     "datalist.py": SEGMENTATION,
+    "dicom_seg.py": SEGMENTATION,
     "fast_norm.py": SEGMENTATION,
     "fused_input_block.py": SEGMENTATION,
     "fused_upsampling.py": SEGMENTATION,

@@ -105,8 +105,9 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
     nib.save(img, path)
 
 
-def write_dicom_series(image: np.ndarray, affine: np.ndarray, folder: str) -> None:
-    """Writes an LPS-oriented int16 HU volume as one CT DICOM file per axial slice."""
+def write_dicom_series(image: np.ndarray, affine: np.ndarray, folder: str, suffix: str = ".dcm") -> None:
+    """Writes an LPS-oriented int16 HU volume as one CT DICOM file per axial slice, named `slice_<k><suffix>`
+    (`suffix=""` writes extension-less files, as PACS exports often are)."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
     from pydicom import Dataset
@@ -126,6 +127,10 @@ def write_dicom_series(image: np.ndarray, affine: np.ndarray, folder: str) -> No
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "SYNTHETIC", k + 1
+        # the patient, study and series attributes every CT image carries (a DICOM SEG copies them)
+        ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "Synthetic^Phantom", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
+        ds.ReferringPhysicianName, ds.SeriesNumber, ds.Manufacturer = "", 1, "synthetic_ct.py"
         origin = to_lps @ (affine[:3, :3] @ np.array([0.0, 0.0, k]) + affine[:3, 3])
         ds.ImagePositionPatient = [float(v) for v in origin]
         # Rows run along array axis 1, columns along axis 0: row direction = axis 0 (+x in LPS).
@@ -137,7 +142,7 @@ def write_dicom_series(image: np.ndarray, affine: np.ndarray, folder: str) -> No
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleIntercept, ds.RescaleSlope = 0, 1
         ds.PixelData = np.ascontiguousarray(image[:, :, k].T).astype(np.int16).tobytes()
-        ds.save_as(os.path.join(folder, f"slice_{k:04d}.dcm"), enforce_file_format=True)
+        ds.save_as(os.path.join(folder, f"slice_{k:04d}{suffix}"), enforce_file_format=True)
 
 
 def write_dataset_json(

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,6 +126,32 @@ def verify_bundle_metadata(meta_file: Path, tmp_path: Path) -> None:
         if not SCHEMA.is_file() and not schema.is_file():
             pytest.skip(f"no schema at {SCHEMA} and the schema URL cannot be downloaded here: {e}")
         raise
+
+
+def read_back_dicom_seg(path, series_folder):
+    """The DICOM SEG at `path` read back against its source series: (segment labels, label map per source file in
+    InstanceNumber order, the SEG dataset, the sources). Checks the references and each frame's geometry."""
+    import highdicom as hd
+    from pydicom import dcmread
+
+    seg = hd.seg.segread(str(path))
+    sources = sorted((dcmread(str(f)) for f in series_folder.iterdir()), key=lambda d: int(d.InstanceNumber))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID and seg.PatientName == sources[0].PatientName
+    by_uid = {d.SOPInstanceUID: d for d in sources}
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    spacing = shared.PixelMeasuresSequence[0].PixelSpacing
+    assert [float(v) for v in spacing] == [float(v) for v in sources[0].PixelSpacing]
+    assert list(shared.PlaneOrientationSequence[0].ImageOrientationPatient) == list(sources[0].ImageOrientationPatient)
+    for frame in seg.PerFrameFunctionalGroupsSequence:  # each frame sits where the image it segments is
+        source = by_uid[frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        position = frame.PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose([float(v) for v in position], [float(v) for v in source.ImagePositionPatient])
+    names = [seg.get_segment_description(n).segment_label for n in seg.get_segment_numbers()]
+    numbers = seg.get_pixels_by_source_instance(
+        [d.SOPInstanceUID for d in sources], combine_segments=True, skip_overlap_checks=True
+    )
+    return names, numbers, seg, sources
 
 
 def write_encoder_file(network, path) -> None:

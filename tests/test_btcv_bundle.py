@@ -14,6 +14,7 @@ from conftest import (
     BUNDLES,
     TINY,
     load_bundle_scripts,
+    read_back_dicom_seg,
     run_bundle,
     synthetic_ct,
     write_encoder_file,
@@ -134,15 +135,18 @@ def test_inference_keeps_input_geometry(trained, tmp_path):
     # Axes permuted to S, L, P: not RAS and no side a multiple of 32.
     permuted, permuted_affine = np.transpose(image, (2, 0, 1)), affine[:, [2, 0, 1, 3]]
     synthetic_ct.save_nifti(permuted, permuted_affine, str(images / "case_sla.nii.gz"))
-    synthetic_ct.write_dicom_series(image, affine, str(images / "dicom_case"))
+    synthetic_ct.write_dicom_series(image, affine, str(images / "dicom_case"), suffix="")  # as PACS exports
     (tmp_path / "pred").mkdir()
     stale = tmp_path / "pred" / ".partial-999999999-case_sla_seg.nii.gz"  # left by a killed run (no such process)
     stale.write_bytes(b"half")
     proc = run_bundle(
-        [INFERENCE], dataset_dir=str(images), ckpt_dir=str(out / "models"), output_dir=str(tmp_path / "pred"), **TINY
-    )
+        [INFERENCE], dataset_dir=str(images), ckpt_dir=str(out / "models"), output_dir=str(tmp_path / "pred"),
+        write_dicom_seg=True, **TINY,
+    )  # fmt: skip
     assert not stale.exists() and f"removed {stale}" in proc.stdout + proc.stderr
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["case_sla_seg.nii.gz", "dicom_case_seg.nii.gz"]
+    written = sorted(p.name for p in (tmp_path / "pred").iterdir())
+    assert written == ["case_sla_seg.nii.gz", "dicom_case_seg.dcm", "dicom_case_seg.nii.gz"]
+    assert "no DICOM SEG for case_sla.nii.gz: its input is not DICOM" in proc.stdout + proc.stderr
     seg = nib.load(tmp_path / "pred" / "case_sla_seg.nii.gz")
     assert nib.aff2axcodes(permuted_affine) == ("S", "L", "P")
     assert seg.shape == permuted.shape
@@ -154,6 +158,13 @@ def test_inference_keeps_input_geometry(trained, tmp_path):
     dicom_image = LoadImage(image_only=True)(str(images / "dicom_case"))
     assert dicom_seg.shape == tuple(dicom_image.shape)
     np.testing.assert_allclose(dicom_seg.affine, dicom_image.affine.numpy(), atol=1e-4)
+    # the DICOM SEG holds the same labels as the NIfTI, each frame on the source image of its slice
+    names, numbers, _, _ = read_back_dicom_seg(tmp_path / "pred" / "dicom_case_seg.dcm", images / "dicom_case")
+    channel_def = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]
+    present = [int(v) for v in np.unique(np.asarray(dicom_seg.dataobj)) if v > 0]
+    assert present and names == [channel_def["pred"]["channel_def"][str(v)] for v in present]
+    nifti_frames = np.stack([np.asarray(dicom_seg.dataobj)[:, :, k].T for k in range(dicom_seg.shape[2])])
+    np.testing.assert_array_equal(np.array([0] + present)[numbers], nifti_frames)
 
 
 def test_roi_size_not_divisible_by_32_fails_before_training(btcv_data, tmp_path):

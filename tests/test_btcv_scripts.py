@@ -5,21 +5,24 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import load_bundle_scripts, synthetic_ct, write_encoder_file
+from conftest import load_bundle_scripts, read_back_dicom_seg, synthetic_ct, write_encoder_file
 from monai.data import MetaTensor
 from monai.metrics import HausdorffDistanceMetric
 from monai.networks.nets import SwinUNETR
 
+BTCV = Path(__file__).resolve().parents[1] / "bundles" / "swin_unetr_btcv"
 scripts = load_bundle_scripts("swin_unetr_btcv")
 from scripts import (  # noqa: E402
-    checkpoints, checks, curves, datalist, fast_norm, finite_loss, fused_input_block, fused_upsampling, metrics,
-    mixed_precision, overlays, patchwise, pretrained, window_attention, winograd_conv,
+    checkpoints, checks, curves, datalist, dicom_seg, fast_norm, finite_loss, fused_input_block, fused_upsampling,
+    metrics, mixed_precision, overlays, patchwise, pretrained, window_attention, winograd_conv,
 )  # fmt: skip
 
 
@@ -180,9 +183,82 @@ def test_list_images_finds_nifti_and_dicom_series(small_btcv):
     assert datalist.list_images(single) == [{"image": single}]
 
 
-def test_list_images_in_empty_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="holds no NIfTI images"):
-        datalist.list_images(str(tmp_path))
+def test_list_images_finds_dicom_in_the_layouts_users_have(tmp_path):
+    """DICOM by content: extension-less files (PACS exports), `dataset_dir` as the series folder or as one of its
+    files, and DICOM files loose beside NIfTI images (the folder is then one series)."""
+    image, _, affine = synthetic_ct.make_case(seed=9, shape=(40, 36, 5))
+    series = tmp_path / "export" / "1.2.840.99"
+    synthetic_ct.write_dicom_series(image, affine, str(series), suffix="")
+    assert datalist.list_images(str(tmp_path / "export")) == [{"image": str(series)}]
+    assert datalist.list_images(str(series)) == [{"image": str(series)}]
+    assert datalist.list_images(str(series / "slice_0002")) == [{"image": str(series)}]
+    loose = tmp_path / "loose"
+    synthetic_ct.write_dicom_series(image, affine, str(loose))
+    synthetic_ct.save_nifti(image, affine, str(loose / "case.nii.gz"))
+    assert datalist.list_images(str(loose)) == [{"image": str(loose)}, {"image": str(loose / "case.nii.gz")}]
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("no image here " * 20)
+    with pytest.raises(ValueError, match="notes.txt' is a file but neither NIfTI"):
+        datalist.list_images(str(not_an_image))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "readme").write_text("no images")
+    with pytest.raises(FileNotFoundError, match="holds no NIfTI images .*, DICOM files or DICOM series folders"):
+        datalist.list_images(str(tmp_path / "empty"))
+
+
+def test_a_dicom_series_without_extensions_reads_like_the_nifti(tmp_path):
+    from monai.transforms import LoadImage
+
+    image, _, affine = synthetic_ct.make_case(seed=9, shape=(40, 36, 5))
+    synthetic_ct.write_dicom_series(image, affine, str(tmp_path / "series"), suffix="")
+    for reader in ("ITKReader", "PydicomReader"):
+        read = LoadImage(image_only=True, reader=reader)(datalist.list_images(str(tmp_path / "series"))[0]["image"])
+        np.testing.assert_array_equal(read.numpy(), image, err_msg=reader)
+
+
+def test_dicom_seg_references_the_series_and_matches_the_label_map(tmp_path, caplog):
+    """A label map in the space the series was read in becomes a DICOM SEG whose segments are the organs present
+    (metadata names, SNOMED codes where known, the pictures' colours), each frame on its source image."""
+    import highdicom as hd
+    from monai.transforms import LoadImage
+
+    image, label, affine = synthetic_ct.make_case(seed=3, shape=(48, 40, 6))
+    series = tmp_path / "series"
+    synthetic_ct.write_dicom_series(image, affine, str(series), suffix="")
+    read = LoadImage(image_only=True)(str(series))
+    names = json.loads((BTCV / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]
+    writer = dicom_seg.SaveDicomSegd("pred", str(tmp_path / "out"), str(BTCV / "configs" / "metadata.json"))
+    writer({"pred": MetaTensor(torch.as_tensor(label[None]), meta=dict(read.meta))})
+    segment_labels, numbers, seg, sources = read_back_dicom_seg(tmp_path / "out" / "series_seg.dcm", series)
+    present = [int(v) for v in np.unique(label) if v > 0]
+    assert segment_labels == [names["channel_def"][str(v)] for v in present]
+    expected = np.stack([label[:, :, k].T for k in range(label.shape[2])])  # the writer's slice k, rows x columns
+    np.testing.assert_array_equal(np.array([0] + present)[numbers], expected)
+    kidney = seg.get_segment_description(segment_labels.index("right kidney") + 1)
+    assert kidney.segmented_property_type.value == "64033007"  # SNOMED CT kidney
+    colour = overlays.label_colours(14)[2][:3] * 255
+    shown = hd.color.CIELabColor.from_dicom_value(kidney.RecommendedDisplayCIELabValue).to_rgb()
+    np.testing.assert_allclose(shown, colour, atol=2)
+    assert seg.SeriesInstanceUID != sources[0].SeriesInstanceUID and seg.Modality == "SEG"
+
+    nifti = tmp_path / "case.nii.gz"
+    synthetic_ct.save_nifti(image, affine, str(nifti))
+    with caplog.at_level("INFO"):
+        writer({"pred": MetaTensor(torch.as_tensor(label[None]), meta={"filename_or_obj": str(nifti)})})
+    assert "no DICOM SEG for case.nii.gz: its input is not DICOM" in caplog.text
+    shifted = dict(read.meta, affine=read.affine @ torch.tensor(np.diag([1.0, 1.0, 2.0, 1.0])))
+    with pytest.raises(ValueError, match="the prediction's grid .* does not match DICOM image"):
+        writer({"pred": MetaTensor(torch.as_tensor(label[None]), meta=shifted)})
+    synthetic_ct.write_dicom_series(image, affine, str(series / "other"))
+    shutil.move(str(series / "other" / "slice_0000.dcm"), str(series / "stray.dcm"))
+    with pytest.raises(ValueError, match="holds 2 DICOM series; a DICOM SEG references one"):
+        dicom_seg.source_images(str(series))
+
+
+def test_dicom_seg_without_highdicom_stops_at_start_naming_the_setting(monkeypatch):
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # as if not installed
+    with pytest.raises(ImportError, match="write_dicom_seg needs the highdicom package: pip install highdicom"):
+        dicom_seg.SaveDicomSegd("pred", "out", str(BTCV / "configs" / "metadata.json"))
 
 
 # --- settings checks --------------------------------------------------------------------------------------------

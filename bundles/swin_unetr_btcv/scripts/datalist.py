@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
+from pydicom import dcmread
+from pydicom.misc import is_dicom
 from monai.data import load_decathlon_datalist
 from monai.transforms import LoadImage
 
@@ -197,27 +199,61 @@ def build_datalist(
     return split
 
 
+def is_dicom_file(path: str) -> bool:
+    """Whether `path` is a DICOM file, by its content (the `DICM` marker after the 128-byte preamble) or its `.dcm`
+    name: series exported from a PACS often have no file extension."""
+    if not os.path.isfile(path) or _is_image(os.path.basename(path)):
+        return False
+    return path.lower().endswith(".dcm") or is_dicom(path)
+
+
+def holds_dicom(folder: str) -> bool:
+    """Whether `folder` directly holds DICOM files (it is then read as one series)."""
+    return any(is_dicom_file(os.path.join(folder, name)) for name in sorted(os.listdir(folder)))
+
+
+def dicom_image_of(path: str) -> str:
+    """What to read for the DICOM file `path`: the file itself when it holds a whole volume (multi-frame), else the
+    series in its folder."""
+    frames = getattr(dcmread(path, stop_before_pixels=True), "NumberOfFrames", 1)
+    if int(frames or 1) > 1:
+        return path
+    folder = os.path.dirname(os.path.abspath(path))
+    logging.getLogger(__name__).info(f"{path!r} is one slice of a DICOM series: segmenting the series in {folder!r}.")
+    return folder
+
+
 def list_images(dataset_dir: str, datalist: str | None = None) -> list[dict[str, str]]:
-    """Images to segment: the datalist's "testing" list, else NIfTI files and DICOM series folders found in
-    `dataset_dir/imagesTs` (or in `dataset_dir` itself when it has no imagesTs)."""
+    """Images to segment: the datalist's "testing" list; else `dataset_dir` itself when it is a NIfTI file, a
+    DICOM file (its series) or a folder of DICOM files (a series); else the NIfTI files and DICOM series folders in
+    `dataset_dir/imagesTs` (or in `dataset_dir` when it has no imagesTs), with the folder itself first when it
+    holds DICOM files too. DICOM files are recognised by content, so extension-less PACS exports are found.
+
+    Args:
+        dataset_dir: a folder, a NIfTI file, or a DICOM file or series folder.
+        datalist: a Decathlon-style JSON whose "testing" list names the images (paths relative to `dataset_dir`).
+    """
     if datalist:
         if not os.path.isfile(datalist):
             raise FileNotFoundError(f"datalist {datalist!r} does not exist.")
         return load_decathlon_datalist(datalist, False, "testing", base_dir=dataset_dir)
-    if os.path.isfile(dataset_dir) and _is_image(dataset_dir):
-        return [{"image": dataset_dir}]
+    if os.path.isfile(dataset_dir):
+        if _is_image(os.path.basename(dataset_dir)):
+            return [{"image": dataset_dir}]
+        if is_dicom_file(dataset_dir):
+            return [{"image": dicom_image_of(dataset_dir)}]
+        raise ValueError(f"dataset_dir {dataset_dir!r} is a file but neither NIfTI (*.nii.gz, *.nii) nor DICOM.")
     _require_dir(dataset_dir, "dataset_dir")
     folder = os.path.join(dataset_dir, "imagesTs")
     folder = folder if os.path.isdir(folder) else dataset_dir
-    found = []
+    found = [{"image": folder}] if holds_dicom(folder) else []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        is_dicom_series = os.path.isdir(path) and any(n.lower().endswith(".dcm") for n in os.listdir(path))
-        if _is_image(name) or is_dicom_series:
+        if _is_image(name) or (os.path.isdir(path) and holds_dicom(path)):
             found.append({"image": path})
     if not found:
         raise FileNotFoundError(
-            f"dataset_dir {folder!r} holds no NIfTI images (*.nii.gz, *.nii) or DICOM series folders."
+            f"dataset_dir {folder!r} holds no NIfTI images (*.nii.gz, *.nii), DICOM files or DICOM series folders."
         )
     return found
 
