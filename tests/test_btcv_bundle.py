@@ -1,6 +1,8 @@
 """The BTCV bundle end to end through `python -m monai.bundle`: train, resume, evaluate, infer, multi-GPU, export."""
 
 import csv
+import importlib
+import importlib.util
 import json
 import math
 import re
@@ -165,6 +167,48 @@ def test_inference_keeps_input_geometry(trained, tmp_path):
     assert present and names == [channel_def["pred"]["channel_def"][str(v)] for v in present]
     nifti_frames = np.stack([np.asarray(dicom_seg.dataobj)[:, :, k].T for k in range(dicom_seg.shape[2])])
     np.testing.assert_array_equal(np.array([0] + present)[numbers], nifti_frames)
+
+
+@pytest.mark.parametrize("bundle", ["swin_unetr_btcv", "swin_unetr_msd"])
+def test_tensorrt_config_compiles_the_network_with_monai_after_its_check(bundle):
+    """`inference_trt.json` over `inference.json`: MONAI's `trt_compile` of the network, its engine keyed to the
+    checkpoint (rebuilt when `model.pt` is newer), float16 when `amp`, batches up to `sw_batch_size`; and the
+    TensorRT check runs before the engine is built."""
+    from monai.bundle import ConfigParser
+
+    configs = BUNDLES / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "inference.json"), str(configs / "inference_trt.json")])
+    assert parser["network"] == "$trt_compile(@network_def.to(@device), @ckpt_dir + '/model.pt', args=@trt_args)"
+    assert "$from monai.networks import trt_compile" in parser["imports"]
+    parser["device"], parser["amp"], parser["sw_batch_size"] = "$torch.device('cpu')", True, 4
+    assert parser.get_parsed_content("trt_args") == {"precision": "fp16", "dynamic_batchsize": [1, 4, 4]}
+    parser["amp"] = False
+    assert parser.get_parsed_content("trt_args", lazy=False)["precision"] == "fp32"
+    assert parser["run"][-2:] == ["$@tensorrt_check", "$@evaluator.run()"]
+    assert parser["run"][:-2] == json.loads((configs / "inference.json").read_text())["run"][:-1]
+
+
+def test_tensorrt_inference_without_a_gpu_stops_with_one_clear_line(trained, tmp_path):
+    out, _ = trained
+    proc = run_bundle(
+        [INFERENCE, CONFIGS / "inference_trt.json"], check=False, dataset_dir=str(out / "no_images_needed"),
+        ckpt_dir=str(out / "models"), output_dir=str(tmp_path / "pred"), **TINY,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.endswith("inference_trt.json needs a CUDA GPU, but device is cpu; use inference.json here."), last
+    assert not (tmp_path / "pred").exists() and not list((out / "models").glob("*.plan"))
+
+
+def test_tensorrt_check_names_the_missing_packages(monkeypatch):
+    load_bundle_scripts("swin_unetr_btcv")
+    checks = importlib.import_module("scripts.checks")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "tensorrt" else real_find_spec(name))
+    with pytest.raises(ImportError, match="inference_trt.json needs tensorrt(, polygraphy)?(, onnx)?: pip install"):
+        checks.check_tensorrt("cuda:0")
 
 
 def test_roi_size_not_divisible_by_32_fails_before_training(btcv_data, tmp_path):

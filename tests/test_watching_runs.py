@@ -12,6 +12,8 @@ import sys
 import termios
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from conftest import BUNDLES, REPO, TINY, overrides_to_args, run_bundle, run_bundle_args
 from PIL import Image
@@ -80,17 +82,24 @@ def test_training_writes_a_curve_plot(tracked_run):
 
 
 def test_evaluation_writes_one_overlay_picture_per_case_and_tracks_them(tracked_run, btcv_data):
-    """Evaluation's pictures, also logged to MLflow with the merged config when `--output_dir` is plain text (MONAI's
-    own config copy logged the text `"<dir> + '/config_...json'"` as its path)."""
+    """Evaluation's pictures (and with `save_predictions` its label maps), also logged to MLflow with the merged
+    config when `--output_dir` is plain text (MONAI's own config copy logged the text `"<dir> + '/config_...json'"`
+    as its path)."""
     from mlflow.tracking import MlflowClient
 
     out = tracked_run / "evaluation"
     run_bundle(
         [BTCV / "train.json", BTCV / "evaluate.json"], tracking="mlflow", dataset_dir=str(btcv_data),
-        ckpt_dir=str(tracked_run / "models"), output_dir=str(out), val_fraction=0.4, **TINY,
+        ckpt_dir=str(tracked_run / "models"), output_dir=str(out), val_fraction=0.4, save_predictions=True, **TINY,
     )  # fmt: skip
     pictures = sorted(p.name for p in (out / "pictures").iterdir())
     assert pictures == ["img0004.png", "img0005.png"]
+    for case in ("0004", "0005"):  # with save_predictions, label maps in each case's original geometry
+        predicted = nib.load(out / "predictions" / f"img{case}_seg.nii.gz")
+        truth = nib.load(btcv_data / "labelsTr" / f"label{case}.nii.gz")
+        assert predicted.shape == truth.shape and predicted.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(predicted.affine, truth.affine, atol=1e-4)
+        assert np.asarray(predicted.dataobj).max() <= 13
     assert png_size(out / "pictures" / "img0004.png") == (990, 675)
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 # SwinUNETR halves the resolution five times (patch embedding + four merging stages).
@@ -75,3 +77,20 @@ def check_flags(**flags: Any) -> dict[str, bool]:
                 "(capitalised; monai.bundle reads lower-case true/false as text, which counts as true)."
             )
     return flags
+
+
+def check_tensorrt(device: torch.device | str) -> torch.device:
+    """Raises unless TensorRT can run here: a CUDA device and the `tensorrt`, `polygraphy` and `onnx` packages
+    that MONAI's `trt_compile` builds the engine with; returns the device. Without them `trt_compile` only warns and
+    runs the PyTorch network, so a run meant to measure or ship TensorRT would silently be PyTorch.
+
+    Args:
+        device: the `device` setting.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(f"inference_trt.json needs a CUDA GPU, but device is {device}; use inference.json here.")
+    missing = [name for name in ("tensorrt", "polygraphy", "onnx") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"inference_trt.json needs {', '.join(missing)}: pip install {' '.join(missing)}")
+    return device
