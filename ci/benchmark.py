@@ -16,8 +16,10 @@ Variants:
 - `shipped`: `python -m monai.bundle run` of the bundle's own configs with no speed flags at all.
 - `opt_in`: shipped plus the opt-in speed settings the model cards document, which trade exactness for time
   (`OPT_IN`: bfloat16 inference on CPU); skipped where there is none.
+- `openvino`: shipped with `cpu_inference_engine` `openvino` (inference only; its warm-up iteration holds the
+  conversion, or reads it from the cache a previous round left beside the model).
 
-Each variant runs `--rounds` times in the order reference, reference_tuned, shipped, opt_in, reference, ... so that
+Each variant runs `--rounds` times in the order reference, reference_tuned, shipped, opt_in, openvino, ... so that
 drift of the machine hits all alike. Prints medians, ratios, peak RSS (of the bundle process, from wait4), peak GPU
 memory on CUDA, and the machine it ran on. A variant killed for lack of memory is reported and the others go on.
 
@@ -41,10 +43,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(REPO, "ci", "benchmark")
 BUNDLES = os.path.join(REPO, "bundles")
-VARIANTS = ("reference", "reference_tuned", "shipped", "opt_in")
+VARIANTS = ("reference", "reference_tuned", "shipped", "opt_in", "openvino")
 # CPU levers (on CUDA inference `amp` is float16 AMP by default): `amp` in inference gives bfloat16 probabilities.
 # Training ships with the memory pool on CPU (and one patch or sub-volume per pass): nothing left to opt into.
 OPT_IN = {"btcv_train": {}, "btcv_train_step": {}, "btcv_infer": {"amp": True}, "ssl_train": {}}
+ENGINE = {"btcv_train": {}, "btcv_train_step": {}, "btcv_infer": {"cpu_inference_engine": "openvino"}, "ssl_train": {}}
+# the settings each variant adds to the shipped configs (a variant with none for a workload is skipped there)
+ADDED = {"opt_in": OPT_IN, "openvino": ENGINE}
 TUNED_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 
 
@@ -132,10 +137,10 @@ def child(args: argparse.Namespace) -> None:
 
 def measure(name: str, variant: str, data: dict, iterations: int, work: str, shipped_overrides: dict) -> dict:
     spec = workload(name, data, iterations)
-    if variant in ("shipped", "opt_in"):
+    if variant in ("shipped", *ADDED):
         spec["overrides"].update(shipped_overrides)
-    if variant == "opt_in":
-        spec["overrides"].update(OPT_IN[name])
+    if variant in ADDED:
+        spec["overrides"].update(ADDED[variant][name])
     if variant.startswith("reference"):
         spec["configs"] = spec["configs"] + [os.path.join(HERE, f"reference_{spec['reference']}.json")]
     if variant == "reference_tuned":
@@ -187,7 +192,7 @@ def main() -> None:
         "--shipped_overrides",
         type=json.loads,
         default={},
-        help="settings for the shipped and opt_in variants, to try one out: '{\"use_checkpoint\": false}'",
+        help="settings for the shipped, opt_in and openvino variants, to try one out: '{\"use_checkpoint\": false}'",
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -206,7 +211,7 @@ def main() -> None:
             results = {v: {"iterations": [], "peak_rss_gb": 0.0, "peak_gpu_gb": 0.0} for v in args.variants}
             for round_ in range(args.rounds):
                 for variant in args.variants:
-                    if variant == "opt_in" and not OPT_IN[name]:
+                    if variant in ADDED and not ADDED[variant][name]:
                         continue
                     with tempfile.TemporaryDirectory(dir=root) as work:
                         try:
@@ -232,13 +237,15 @@ def main() -> None:
                 gpu = results[v]["peak_gpu_gb"]
                 peaks[v] = f"{results[v]['peak_rss_gb']:.1f}" + (f", GPU {gpu:.1f}" if gpu else "")
             rows.append((name, medians, peaks))
-    pairs = [(fast, ref) for fast in ("shipped", "opt_in") for ref in ("reference", "reference_tuned")]
+    pairs = [(fast, ref) for fast in ("shipped", "opt_in", "openvino") for ref in ("reference", "reference_tuned")]
+    pairs = [(fast, ref) for fast, ref in pairs if fast in args.variants and ref in args.variants]
+    pairs += [("openvino", "shipped")] if {"openvino", "shipped"} <= set(args.variants) else []
     print("\n| workload | " + " | ".join(f"{v} median s (peak GB)" for v in args.variants) + " | "
           + " | ".join(f"{fast} vs {ref}" for fast, ref in pairs) + " |")  # fmt: skip
     print("|---" * (len(args.variants) + len(pairs) + 1) + "|")
     for name, medians, rss in rows:
         cells = " | ".join(
-            f"{medians[v]:.3g} ({rss[v]})" if v in medians else "none" if v == "opt_in" and not OPT_IN[name]
+            f"{medians[v]:.3g} ({rss[v]})" if v in medians else "none" if v in ADDED and not ADDED[v][name]
             else f"killed ({rss[v]})"
             for v in args.variants
         )  # fmt: skip

@@ -33,6 +33,7 @@ COPIES: dict[str, tuple[str, ...]] = {
     "tracking.py": ALL,
     "window_attention.py": ALL,
     "cpu_network.py": SEGMENTATION,
+    "openvino_engine.py": SEGMENTATION,
     "datalist.py": SEGMENTATION,
     "dicom_seg.py": SEGMENTATION,
     "fast_norm.py": SEGMENTATION,

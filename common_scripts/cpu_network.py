@@ -4,13 +4,19 @@ by its own `cpu_*` setting. Each changes how the network computes, not its param
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 
 from .fast_norm import use_fast_norm
 from .fused_input_block import fuse_input_block
 from .fused_upsampling import fuse_upsampling
+from .openvino_engine import openvino_available, use_openvino
 from .window_attention import chunk_window_attention
 from .winograd_conv import use_winograd
+
+ENGINES = ("torch", "openvino")
+logger = logging.getLogger(__name__)
 
 
 def for_cpu_training(
@@ -34,8 +40,12 @@ def for_cpu_inference(
     fused_upsampling: bool = True,
     fused_input_block: bool = True,
     winograd: bool = True,
+    engine: str = "torch",
+    engine_cache_dir: str | None = None,
+    engine_precision: str = "f32",
 ) -> nn.Module:
-    """Returns `network` with the inference rewrites applied in place.
+    """Returns `network` with the inference rewrites applied in place, or, with `engine="openvino"` on the CPU, run
+    by OpenVINO instead (`openvino_engine.py`; the rewrites then do not apply).
 
     Args:
         network: a MONAI SwinUNETR.
@@ -43,7 +53,19 @@ def for_cpu_inference(
         fused_upsampling: fold each decoder upsampling into the convolution after it (`fused_upsampling.py`).
         fused_input_block: the full-resolution input block as one computation (`fused_input_block.py`).
         winograd: Winograd F(4,3) for the 3^3 convolutions that gain from it (`winograd_conv.py`).
+        engine: `torch`, or `openvino` to run the network through OpenVINO on the CPU (ignored on a GPU).
+        engine_cache_dir: where OpenVINO's conversions are kept (needed with `openvino`).
+        engine_precision: OpenVINO's inference precision, `f32` or `bf16`.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"cpu_inference_engine must be one of {ENGINES}, got {engine!r}.")
+    on_cpu = all(p.device.type == "cpu" for p in network.parameters())
+    if engine == "openvino" and on_cpu:
+        if engine_cache_dir is None:
+            raise ValueError("cpu_inference_engine 'openvino' needs engine_cache_dir, the folder for its conversions.")
+        if openvino_available():
+            return use_openvino(network, engine_cache_dir, engine_precision)
+        logger.warning("cpu_inference_engine is 'openvino' but openvino is not installed: PyTorch runs the network.")
     use_fast_norm(network, fast_norm)
     fuse_upsampling(network, fused_upsampling)
     fuse_input_block(network, fused_input_block)

@@ -11,7 +11,7 @@ from monai.bundle import ConfigParser
 REPO = Path(__file__).resolve().parents[1]
 OFF = {"cpu_memory_pool": False, "cpu_huge_pages": False, "cpu_fast_norm": False, "cpu_channels_last": False,
        "cpu_fused_upsampling": False, "cpu_fused_input_block": False, "cpu_winograd": False, "cpu_mask_cache": False,
-       "cpu_patches_per_pass": None, "cpu_attention_chunk_mb": None}  # fmt: skip
+       "cpu_patches_per_pass": None, "cpu_attention_chunk_mb": None, "cpu_inference_engine": "torch"}  # fmt: skip
 RECIPES = [("swin_unetr_btcv", "train.json", "btcv_train"), ("swin_unetr_btcv", "inference.json", "btcv_infer"),
            ("swin_unetr_pretrain", "train.json", "ssl_train")]  # fmt: skip
 

@@ -64,21 +64,51 @@ def test_probabilities_match_the_reference_path(case):
     assert agree >= 0.9999
 
 
+def assert_labels_agree(first: np.ndarray, second: np.ndarray, min_dice: float = 0.999, min_agree: float = 0.0):
+    """Dice of every label either map holds is at least `min_dice`, and the fraction of voxels with the same label
+    at least `min_agree`."""
+    assert first.shape == second.shape
+    assert (first == second).mean() >= min_agree
+    for label in np.union1d(np.unique(first), np.unique(second)):
+        a, b = first == label, second == label
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= min_dice, f"label {label}"
+
+
+def test_openvino_probabilities_match_pytorch(case):
+    """`cpu_inference_engine` `openvino`: the network converted after the checkpoint is loaded (as in a run), its
+    probabilities within 1e-3 of PyTorch's (stated in the model card) and its labels agreeing. The weights are
+    untrained, so near-ties are common and a few flip: 99.95% of voxels agree, every label's Dice >= 0.99."""
+    openvino = probabilities([INFERENCE], case, cpu_inference_engine="openvino")
+    pytorch = probabilities([INFERENCE], case)
+    conversions = [p for p in (case / "models" / "openvino").iterdir() if not p.name.startswith("compiled")]
+    assert len(conversions) == 1 and (conversions[0] / "model.xml").is_file()  # one, beside the checkpoint
+    assert openvino.shape == pytorch.shape and not torch.equal(openvino, pytorch)  # OpenVINO really ran
+    torch.testing.assert_close(openvino, pytorch, atol=1e-3, rtol=0)
+    assert_labels_agree(openvino.argmax(1).numpy(), pytorch.argmax(1).numpy(), min_dice=0.99, min_agree=0.9995)
+
+
 def test_label_maps_match_the_reference_path(case):
-    for name, configs in (("shipped", [INFERENCE]), ("reference", [INFERENCE, REFERENCE])):
-        run_bundle(
+    """The shipped path, the reference recipe and (reusing the conversion cached by the test above) OpenVINO write
+    label maps that agree."""
+    runs = (("shipped", [INFERENCE], {}), ("reference", [INFERENCE, REFERENCE], {}),
+            ("openvino", [INFERENCE], {"cpu_inference_engine": "openvino"}))  # fmt: skip
+    logs = {}
+    for name, configs, overrides in runs:
+        proc = run_bundle(
             configs,
             dataset_dir=str(case / "images"),
             ckpt_dir=str(case / "models"),
             output_dir=str(case / name),
             **SETTINGS,
+            **overrides,
         )
+        logs[name] = proc.stdout + proc.stderr
+    assert "OpenVINO: using the conversion of these weights" in logs["openvino"]
     shipped = np.asarray(nib.load(case / "shipped" / "case_seg.nii.gz").dataobj)
-    reference = np.asarray(nib.load(case / "reference" / "case_seg.nii.gz").dataobj)
-    assert shipped.shape == reference.shape == (110, 100, 40)
-    for label in np.union1d(np.unique(shipped), np.unique(reference)):
-        a, b = shipped == label, reference == label
-        assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.999, f"label {label}"
+    assert shipped.shape == (110, 100, 40)
+    assert_labels_agree(shipped, np.asarray(nib.load(case / "reference" / "case_seg.nii.gz").dataobj))
+    openvino = np.asarray(nib.load(case / "openvino" / "case_seg.nii.gz").dataobj)
+    assert_labels_agree(shipped, openvino, min_dice=0.99, min_agree=0.9995)
 
 
 def test_opt_in_bfloat16_inference_stays_close_to_float32(case):
@@ -92,3 +122,67 @@ def test_opt_in_bfloat16_inference_stays_close_to_float32(case):
     assert (bfloat16 - float32).abs().max() < 0.05  # ... close to float32 (measured: 0.027) ...
     agree = (bfloat16.argmax(1) == float32.argmax(1)).float().mean().item()
     assert agree >= 0.97  # ... labels differ at near-ties, many for untrained weights (measured: 0.987)
+
+
+def test_openvino_takes_four_channel_inputs(tmp_path):
+    """MSD's multi-sequence MRI tasks: a 4-channel network through OpenVINO matches PyTorch; `--amp True` (bfloat16
+    autocast around the network) reuses the float32 conversion and compiles it for bfloat16."""
+    from monai.networks.nets import SwinUNETR
+
+    load_bundle_scripts("swin_unetr_msd")
+    engine = importlib.import_module("scripts.openvino_engine")
+    torch.manual_seed(1)
+    network = SwinUNETR(4, 4, feature_size=TINY["feature_size"]).eval()
+    image = torch.randn(1, 4, 64, 64, 64)
+    with torch.no_grad():
+        pytorch = network(image).softmax(1)
+        openvino = engine.use_openvino(network, str(tmp_path / "cache"))(image).softmax(1)
+    torch.testing.assert_close(openvino, pytorch, atol=1e-3, rtol=0)
+    assert_labels_agree(openvino.argmax(1).numpy(), pytorch.argmax(1).numpy(), min_dice=0.99, min_agree=0.9995)
+    bfloat16 = engine.use_openvino(SwinUNETR(4, 4, feature_size=TINY["feature_size"]), str(tmp_path / "cache"), "bf16")
+    bfloat16.load_state_dict(network.state_dict())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reduced = bfloat16(image).float().softmax(1)
+    assert (
+        len([p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("compiled")]) == 1
+    )  # the same conversion
+    assert (reduced - pytorch).abs().max() < 0.05  # bfloat16 where the CPU has it, else float32
+
+
+def test_openvino_conversions_are_keyed_by_the_weights():
+    """A new checkpoint never runs against a stale conversion: the cache key follows the weights' content (equal
+    for a copy, different after any change), and loading weights into a converted network is noticed."""
+    from monai.networks.nets import SwinUNETR
+
+    load_bundle_scripts("swin_unetr_btcv")
+    engine = importlib.import_module("scripts.openvino_engine")
+    torch.manual_seed(2)
+    network, copy = SwinUNETR(1, 14, feature_size=12), SwinUNETR(1, 14, feature_size=12)
+    copy.load_state_dict(network.state_dict())
+    shape = (1, 1, 64, 64, 64)
+    assert engine.weights_key(network, shape) == engine.weights_key(copy, shape)
+    assert engine.weights_key(network, shape) != engine.weights_key(network, (1, 1, 96, 96, 96))
+    version = engine._weights_version(copy)
+    with torch.no_grad():
+        copy.out.conv.conv.bias[3] += 1e-6
+    assert engine.weights_key(copy, shape) != engine.weights_key(network, shape)
+    assert engine._weights_version(copy) != version
+    version = engine._weights_version(copy)
+    copy.load_state_dict(network.state_dict())  # a checkpoint loaded later, as MONAI Label does after training
+    assert engine._weights_version(copy) != version
+
+
+def test_openvino_missing_falls_back_to_pytorch_in_one_line(monkeypatch, caplog):
+    from monai.networks.nets import SwinUNETR
+
+    load_bundle_scripts("swin_unetr_btcv")
+    cpu_network = importlib.import_module("scripts.cpu_network")
+    monkeypatch.setattr(cpu_network, "openvino_available", lambda: False)
+    network = SwinUNETR(1, 14, feature_size=12)
+    with caplog.at_level("WARNING"):
+        network = cpu_network.for_cpu_inference(network, engine="openvino", engine_cache_dir="unused")
+    assert "cpu_inference_engine is 'openvino' but openvino is not installed: PyTorch runs the network." in caplog.text
+    assert "forward" not in vars(network)  # PyTorch's forward ...
+    assert "FastInstanceNorm3d" in {type(m).__name__ for m in network.modules()}  # ... with the CPU rewrites
+    with pytest.raises(ValueError, match="cpu_inference_engine must be one of \\('torch', 'openvino'\\), got 'onnx'"):
+        cpu_network.for_cpu_inference(network, engine="onnx")
