@@ -332,6 +332,15 @@ def test_cpu_inference_and_evaluation_run_instance_norms_through_group_norm(bund
                 assert type(network.decoder1.conv_block.conv2.conv).__name__ == "WinogradConv3d", files
                 weights = [m.weight for m in network.modules() if isinstance(m, torch.nn.Conv3d)]
                 assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights), files
+            if on_cpu:  # OpenVINO instead of the rewrites, converted later (at the first window), beside the weights
+                parser["cpu_inference_engine"], parser["ckpt_dir"] = "openvino", "/models"
+                network = parser.get_parsed_content("network", lazy=False)
+                assert type(network.forward).__name__ == "OpenVINOForward", files
+                assert network.forward.cache_dir == "/models/openvino" and network.forward.precision == "f32", files
+                assert "FastInstanceNorm3d" not in {type(m).__name__ for m in network.modules()}, files
+                if files == ["inference.json"]:  # `--amp True`: OpenVINO's bfloat16
+                    parser["amp"] = True
+                    assert parser.get_parsed_content("network", lazy=False).forward.precision == "bf16"
         inference = ConfigParser()  # device-dependent defaults follow the chosen device, not what the machine has
         inference.read_config(str(configs / "inference.json"))
         inference["device"] = device
