@@ -17,6 +17,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 from monai.config import KeysCollection
+from monai.data.utils import orientation_ras_lps
 from monai.transforms import MapTransform
 from pydicom import Dataset, dcmread
 from pydicom.sr.codedict import codes
@@ -26,7 +27,6 @@ from .datalist import is_dicom_file
 from .overlays import label_colours
 
 logger = logging.getLogger(__name__)
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 # words of a label name that make it an altered structure (DICOM CID 7150) rather than an anatomical one
 ALTERED = ("tumour", "tumor", "cancer", "lesion", "edema", "oedema", "necrotic", "enhancing", "mass")
 
@@ -61,7 +61,7 @@ def frames_on_sources(labels: np.ndarray, affine: np.ndarray, images: Sequence[D
 
     Args:
         labels: the label map, `(x, y, z)`.
-        affine: its voxel-to-RAS affine.
+        affine: its voxel-to-LPS affine (DICOM's patient space).
         images: the source images.
 
     Raises:
@@ -76,7 +76,7 @@ def frames_on_sources(labels: np.ndarray, affine: np.ndarray, images: Sequence[D
         row_spacing, column_spacing = (float(v) for v in image.PixelSpacing)
         r, c = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
         lps = origin + c[..., None] * column_spacing * orientation[:3] + r[..., None] * row_spacing * orientation[3:]
-        voxel = (lps @ LPS_TO_RAS.T) @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+        voxel = lps @ to_voxel[:3, :3].T + to_voxel[:3, 3]
         index = np.rint(voxel).astype(np.int64)
         if np.abs(voxel - index).max() > 0.05 or (index < 0).any() or (index >= labels.shape).any():
             raise ValueError(
@@ -114,8 +114,8 @@ def segmentation(
     """A `highdicom` DICOM SEG of the labels present in `labels`, one segment each, on the grid of `images`.
 
     Args:
-        labels: the label map, `(x, y, z)`, in the space of `affine` (RAS).
-        affine: its voxel-to-RAS affine.
+        labels: the label map, `(x, y, z)`, in the space of `affine`.
+        affine: its voxel-to-LPS affine (DICOM's patient space).
         images: the source series (headers).
         label_names: the name of each label number (0 is the background, never a segment).
         model_name: the bundle's name, recorded as the algorithm and the manufacturer's model.
@@ -136,7 +136,7 @@ def segmentation(
     )
     descriptions = []
     for number, value in enumerate(present, start=1):
-        name = str(label_names.get(value, label_names.get(str(value), f"label {value}")))
+        name = label_names.get(value, f"label {value}")
         category, kind = segment_codes(name)
         rgb = tuple(int(round(255 * channel)) for channel in colours[value][:3])
         descriptions.append(
@@ -218,8 +218,8 @@ class SaveDicomSegd(MapTransform):
                 logger.info(f"no DICOM SEG for {case}: its input is not DICOM.")
                 continue
             affine = np.asarray(label_map.affine, dtype=np.float64)
-            if str(label_map.meta.get("space", "RAS")) == "LPS":
-                affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+            if str(label_map.meta.get("space", "RAS")) != "LPS":  # MONAI's readers give RAS unless told otherwise
+                affine = orientation_ras_lps(affine)
             labels = np.asarray(label_map.detach().cpu())[0]
             seg = segmentation(labels, affine, source_images(source), self.label_names, self.model_name, self.version)
             if seg is None:

@@ -109,13 +109,14 @@ def draw_case(
         "coronal": spacing[2] / spacing[0],
         "sagittal": spacing[2] / spacing[1],
     }
-    views = {view: (lambda v, view=view: view_slices(v, centre)[view], aspect) for view, aspect in aspects.items()}
+    image_views = view_slices(image, centre)
     fig, axes = plt.subplots(2, 3, figsize=(11, 7.5), dpi=90)
     for row, (name, labels) in enumerate((("ground truth", truth), ("prediction", pred))):
-        for col, (view, (cut, aspect)) in enumerate(views.items()):
+        label_views = view_slices(labels, centre)
+        for col, (view, aspect) in enumerate(aspects.items()):
             ax = axes[row, col]
-            ax.imshow(cut(image), cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect)
-            overlay = np.ma.masked_equal(cut(labels), 0)  # background stays see-through
+            ax.imshow(image_views[view], cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect)
+            overlay = np.ma.masked_equal(label_views[view], 0)  # background stays see-through
             ax.imshow(
                 overlay, cmap=cmap, vmin=0, vmax=len(colours) - 1, alpha=0.5, interpolation="nearest", aspect=aspect
             )
