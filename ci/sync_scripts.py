@@ -34,6 +34,8 @@ COPIES: dict[str, tuple[str, ...]] = {
     "window_attention.py": ALL,
     "cpu_network.py": SEGMENTATION,
     "openvino_engine.py": SEGMENTATION,
+    "mirroring.py": SEGMENTATION,
+    "ensemble.py": SEGMENTATION,
     "datalist.py": SEGMENTATION,
     "dicom_seg.py": SEGMENTATION,
     "fast_norm.py": SEGMENTATION,

@@ -27,7 +27,7 @@ from monai.transforms import LoadImage
 BUNDLE = BUNDLES / "swin_unetr_btcv"
 CONFIGS = BUNDLE / "configs"
 TRAIN, EVALUATE, INFERENCE = CONFIGS / "train.json", CONFIGS / "evaluate.json", CONFIGS / "inference.json"
-MULTI_GPU = CONFIGS / "multi_gpu_train.json"
+MULTI_GPU, ENSEMBLE = CONFIGS / "multi_gpu_train.json", CONFIGS / "inference_ensemble.json"
 BEST_DICE = re.compile(r"Key metric: val_mean_dice best value: ([0-9.]+)")
 
 
@@ -167,6 +167,36 @@ def test_inference_keeps_input_geometry(trained, tmp_path):
     assert present and names == [channel_def["pred"]["channel_def"][str(v)] for v in present]
     nifti_frames = np.stack([np.asarray(dicom_seg.dataobj)[:, :, k].T for k in range(dicom_seg.shape[2])])
     np.testing.assert_array_equal(np.array([0] + present)[numbers], nifti_frames)
+
+
+def test_fold_ensemble_names_a_missing_fold_first_and_with_tta_predicts_dicom_like_one_model(trained, tmp_path):
+    """`inference_ensemble.json` (folds 0-4 under ckpt_dir) with `tta`, DICOM in and DICOM SEG out: five copies of
+    one model give that model's mirrored prediction; a missing fold stops the run before any case is read."""
+    out, _ = trained
+    images = tmp_path / "images"
+    image, _, affine = synthetic_ct.make_case(seed=22, shape=(100, 90, 24))
+    synthetic_ct.write_dicom_series(image, affine, str(images / "series"))
+    folds = tmp_path / "folds"
+    for fold in range(4):
+        (folds / f"fold{fold}").mkdir(parents=True)
+        shutil.copy(out / "models" / "model.pt", folds / f"fold{fold}" / "model.pt")
+    settings = dict(dataset_dir=str(images), write_dicom_seg=True, tta=True, output_dir=str(tmp_path / "e"), **TINY)
+    proc = run_bundle([INFERENCE, ENSEMBLE], check=False, ckpt_dir=str(folds), **settings)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.endswith(f"checkpoints: 1 of 5 missing: {folds / 'fold4' / 'model.pt'}"), last
+    assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
+
+    (folds / "fold4").mkdir()
+    shutil.copy(out / "models" / "model.pt", folds / "fold4" / "model.pt")
+    proc = run_bundle([INFERENCE, ENSEMBLE], ckpt_dir=str(folds), **settings)
+    assert "each window is the mean probability of 5 models" in proc.stdout + proc.stderr
+    assert "each case is predicted 8 times" in proc.stdout + proc.stderr
+    run_bundle([INFERENCE], ckpt_dir=str(out / "models"), **dict(settings, output_dir=str(tmp_path / "one")))
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["series_seg.dcm", "series_seg.nii.gz"]
+    ensemble = np.asarray(nib.load(tmp_path / "e" / "series_seg.nii.gz").dataobj)
+    single = np.asarray(nib.load(tmp_path / "one" / "series_seg.nii.gz").dataobj)
+    assert ensemble.shape == image.shape and (ensemble == single).mean() >= 0.9999  # float sums may tie-break apart
 
 
 @pytest.mark.parametrize("bundle", ["swin_unetr_btcv", "swin_unetr_msd"])

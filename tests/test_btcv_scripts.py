@@ -55,7 +55,8 @@ def test_training_curves_log_the_loss_and_the_key_metric_at_the_trainer_iteratio
 
 def test_overlay_edges_name_where_the_patient_is():
     """A blob at the patient's right, anterior and superior side of an LPS-stored volume appears, in every view, at
-    the edges the pictures label R, A and S."""
+    the edges the pictures label R, A and S; in the radiological convention, the patient's right is on the viewer's
+    left in axial and coronal views."""
     volume = np.zeros((40, 30, 20))  # LPS: index 0 grows to the patient's left, 1 to posterior, 2 to superior
     volume[2:6, 2:6, 15:19] = 1
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.diag([0.8, 0.8, 2.5, 1.0])
@@ -66,6 +67,8 @@ def test_overlay_edges_name_where_the_patient_is():
         horizontal = right if cols > 0.5 else left
         vertical = top if rows < 0.5 else bottom
         assert {"axial": ("R", "A"), "coronal": ("R", "S"), "sagittal": ("A", "S")}[view] == (horizontal, vertical)
+        if view in ("axial", "coronal"):
+            assert cols < 0.5 and (left, right) == ("R", "L")
 
 
 def test_overlay_legend_names_the_structures_shown_in_colours_that_tell_neighbours_apart():

@@ -186,3 +186,23 @@ def test_openvino_missing_falls_back_to_pytorch_in_one_line(monkeypatch, caplog)
     assert "FastInstanceNorm3d" in {type(m).__name__ for m in network.modules()}  # ... with the CPU rewrites
     with pytest.raises(ValueError, match="cpu_inference_engine must be one of \\('torch', 'openvino'\\), got 'onnx'"):
         cpu_network.for_cpu_inference(network, engine="onnx")
+
+
+def test_openvino_runs_a_fold_ensemble_as_one_model(case, tmp_path):
+    """`checkpoints` with `cpu_inference_engine` `openvino`: the averaged members are converted as one network, and
+    two copies of one checkpoint give that checkpoint's probabilities."""
+    model = str(case / "models" / "model.pt")
+    single = probabilities([INFERENCE], case)
+    load_bundle_scripts("swin_unetr_btcv")
+    parser = ConfigParser()
+    parser.read_config(str(INFERENCE))
+    for key, value in dict(SETTINGS, ckpt_dir=str(tmp_path), checkpoints=[model, model],
+                           cpu_inference_engine="openvino").items():  # fmt: skip
+        parser[key] = value
+    network = parser.get_parsed_content("network")
+    assert type(network).__name__ == "ProbabilityEnsemble" and "forward" in vars(network)  # OpenVINO's forward
+    item = parser.get_parsed_content("preprocessing")({"image": str(case / "images" / "case.nii.gz")})
+    with torch.no_grad():
+        ensemble = parser.get_parsed_content("inferer")(item["image"][None], network).softmax(1)
+    assert list(tmp_path.glob("openvino/*/model.xml"))
+    torch.testing.assert_close(ensemble, single, atol=1e-3, rtol=0)

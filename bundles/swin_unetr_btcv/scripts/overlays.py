@@ -29,8 +29,9 @@ from matplotlib.patches import Patch  # noqa: E402
 # tab20 holds ten hues, each dark then light: the dark ones first, so that consecutive labels (left and right
 # kidney, the two adrenal glands) differ in hue, not only in lightness
 _PALETTE = plt.get_cmap("tab20")(np.r_[0:20:2, 1:20:2])
-# the patient directions at the (left, right, top, bottom) edges of each view as `draw_case` turns the RAS slices
-VIEW_EDGES = {"axial": ("L", "R", "A", "P"), "coronal": ("L", "R", "S", "I"), "sagittal": ("P", "A", "S", "I")}
+# the patient directions at the (left, right, top, bottom) edges of each view as `draw_case` turns the RAS slices:
+# the radiological convention of PACS viewers, the patient's right on the viewer's left in axial and coronal views
+VIEW_EDGES = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"), "sagittal": ("P", "A", "S", "I")}
 _EDGE_PLACES = ((0.0, 0.5, "left", "center"), (1.0, 0.5, "right", "center"), (0.5, 1.0, "center", "top"),
                 (0.5, 0.0, "center", "bottom"))  # fmt: skip
 
@@ -79,10 +80,11 @@ def _centre_of_largest(label: np.ndarray) -> tuple[int, ...]:
 
 def view_slices(volume: np.ndarray, centre: Sequence[int]) -> dict[str, np.ndarray]:
     """The axial, coronal and sagittal slices through `centre` of a RAS volume, turned for display as `VIEW_EDGES`
-    names their edges (anterior or superior up)."""
+    names their edges (anterior or superior up; axial and coronal seen from the feet and the front, so the patient's
+    right is on the viewer's left)."""
     return {
-        "axial": np.rot90(volume[:, :, centre[2]]),
-        "coronal": np.rot90(volume[:, centre[1], :]),
+        "axial": np.rot90(volume[:, :, centre[2]])[:, ::-1],
+        "coronal": np.rot90(volume[:, centre[1], :])[:, ::-1],
         "sagittal": np.rot90(volume[centre[0], :, :]),
     }
 
