@@ -14,6 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    # One pytest-xdist worker per core: each worker's in-process tests and bundle runs share the cores evenly
+    # instead of every process starting one thread per core.
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"

@@ -134,7 +134,7 @@ def run_on_terminal(cmd, timeout=600) -> str:
     """Runs `cmd` with stdout and stderr on a pseudo-terminal, as in an interactive shell; returns what it printed."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a new pty is 0 columns wide
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.Popen(cmd, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL, cwd=REPO, env=env)
     os.close(slave)
     chunks = []
