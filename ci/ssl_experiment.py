@@ -10,7 +10,9 @@ control encoder (the pre-trained one with each tensor's values shuffled) and the
 Stopped at any point, the same command resumes: finished steps (data, pre-training, each fine-tuning run with its
 test evaluation) are recognised by the result files they write last, atomically; an unfinished step starts again.
 
-Writes into `out_dir`: `results.csv` (one row per arm x labelled cases x seed: mean and per-organ test Dice),
+Writes into `out_dir`: `gates.json` (the protocol's two gates, each term beside its level and whether it passed;
+while either fails the experiment is "not powered" and draws no comparison),
+`results.csv` (one row per arm x labelled cases x seed: mean and per-organ test Dice),
 `summary.csv` (per arm and labelled cases: mean, spread, paired differences by seed, and the protocol's call),
 `data/hardness.json` (the phantoms' HU-lookup Dice and crop overlap, `phantom_ct.hardness`),
 `dice_vs_labelled_cases.png`, `pretraining_curves.png` (the pre-training bundle's loss and validation curves),
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -38,6 +41,14 @@ ARMS = ("scratch", "pretrained", "shuffled")
 ORGANS = phantom_ct.BTCV_LABELS[1:]
 # The protocol's call: a mean paired difference of at least this much Dice, of the same sign for every seed.
 EFFECT_THRESHOLD = 0.02
+# The gates (docs/ssl_experiment.md), fixed before any run. Pre-training on held-out phantoms: the contrastive loss
+# and the reconstruction L1 at most this share of their chance level / blurred-input baseline, and rotation accuracy
+# above 1/4 with a one-sided binomial p-value below GATE_P. Fine-tuning: the scratch arm's mean test Dice at the
+# largest labelled count at least GATE_DICE.
+GATE_SHARE = 0.9
+GATE_P = 0.05
+GATE_DICE = 0.5
+NOT_POWERED = "not powered"
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,8 @@ class Preset:
     pretrain_val_every: int  # pre-training iterations between validations (model_swinvit.pt at the best L1)
     finetune_steps: int  # optimizer steps per fine-tuning run, the same for every arm and labelled count
     finetune_val_every: int  # fine-tuning steps between validations (model.pt at the best validation Dice)
+    gate_batch: int = 1  # held-out CTs per batch of the pre-training gate (divides num_test: every batch the same B)
+    gate_samples: int = 2  # sub-volumes per held-out CT in the pre-training gate (B = gate_batch * gate_samples)
     num_samples: int = 2
     pretrain_lr: float = 4e-4
     finetune_lr: float = 1e-4
@@ -68,18 +81,21 @@ PRESETS = {
     "tiny": Preset(
         fov_scale=0.45, num_unlabelled=2, num_val=1, num_test=1, label_counts=(1,), seeds=(0,), feature_size=12,
         roi_size=64, pretrain_epochs=2, pretrain_batch=2, pretrain_val_every=2, finetune_steps=2,
-        finetune_val_every=2, num_samples=1, extra={"use_checkpoint": False, "num_workers": 0, "sw_batch_size": 2},
+        finetune_val_every=2, gate_batch=1, gate_samples=2, num_samples=1,
+        extra={"use_checkpoint": False, "num_workers": 0, "sw_batch_size": 2},
     ),
     "cpu": Preset(
         fov_scale=0.6, num_unlabelled=12, num_val=2, num_test=3, label_counts=(2, 6), seeds=(0, 1, 2),
         feature_size=12, roi_size=64, pretrain_epochs=16, pretrain_batch=2, pretrain_val_every=24,
-        finetune_steps=120, finetune_val_every=60, num_samples=1, pretrain_lr=1e-3, finetune_lr=2e-3,
+        finetune_steps=120, finetune_val_every=60, gate_batch=3, gate_samples=2, num_samples=1, pretrain_lr=1e-3,
+        finetune_lr=2e-3,
         extra={"use_checkpoint": False, "num_workers": 2, "sw_batch_size": 2},
     ),
     "gpu": Preset(
         fov_scale=1.0, num_unlabelled=200, num_val=4, num_test=12, label_counts=(2, 4, 8, 16), seeds=(0, 1, 2),
         feature_size=48, roi_size=96, pretrain_epochs=100, pretrain_batch=4, pretrain_val_every=500,
-        finetune_steps=3000, finetune_val_every=250, num_samples=4, extra={"num_workers": 8},
+        finetune_steps=3000, finetune_val_every=250, gate_batch=4, gate_samples=4, num_samples=4,
+        extra={"num_workers": 8},
     ),
 }  # fmt: skip
 
@@ -179,8 +195,104 @@ def pretrain(out_dir: str, preset: Preset, datalist: str) -> str:
     return encoder
 
 
-def plot_pretraining_terms(out_dir: str) -> None:
-    """`pretraining_terms.png`: the three proxy-task losses per iteration, read from the pre-training bundle's log."""
+def binomial_p_value(correct: int, total: int, chance: float) -> float:
+    """One-sided p-value of `correct` or more successes in `total` trials that each succeed with `chance`."""
+    return float(sum(math.comb(total, k) * chance**k * (1 - chance) ** (total - k) for k in range(correct, total + 1)))
+
+
+def pretraining_gate(metrics: dict[str, float], rotation_predictions: int) -> dict:
+    """Gate (a) of the protocol from the pre-training bundle's metrics on held-out phantoms: each proxy task against
+    the level that means nothing was learned. Returns each term's value, level, passed, and `passed` for all three.
+
+    Args:
+        metrics: `val_contrast`, `val_contrast_chance`, `val_rotation_accuracy`, `val_l1`, `val_l1_blurred_input`.
+        rotation_predictions: how many views the rotation accuracy was measured on.
+    """
+    correct = round(metrics["val_rotation_accuracy"] * rotation_predictions)
+    p_value = binomial_p_value(correct, rotation_predictions, 0.25)
+    chance = metrics["val_contrast_chance"]
+    terms = {
+        "contrastive": {"value": metrics["val_contrast"], "level": chance, "rule": f"<= {GATE_SHARE} x ln(2B - 1)",
+                        "passed": chance > 0 and metrics["val_contrast"] <= GATE_SHARE * chance},
+        "rotation": {"value": metrics["val_rotation_accuracy"], "level": 0.25, "views": rotation_predictions,
+                     "p_value": p_value, "rule": f"one-sided binomial p < {GATE_P} against 1/4",
+                     "passed": p_value < GATE_P},
+        "inpainting": {"value": metrics["val_l1"], "level": metrics["val_l1_blurred_input"],
+                       "rule": f"<= {GATE_SHARE} x L1 of the blurred input",
+                       "passed": metrics["val_l1"] <= GATE_SHARE * metrics["val_l1_blurred_input"]},
+    }  # fmt: skip
+    return {"terms": terms, "passed": all(term["passed"] for term in terms.values())}
+
+
+def finetuning_gate(results: list[dict], largest: int) -> dict:
+    """Gate (b) of the protocol: the scratch arm's mean test Dice over seeds at the largest labelled count.
+
+    Args:
+        results: the fine-tuning runs' result rows.
+        largest: the preset's largest labelled count.
+    """
+    scores = [r["mean_dice"] for r in results if r["arm"] == "scratch" and r["labelled_cases"] == largest]
+    value = float(np.mean(scores)) if scores else float("nan")
+    passed = bool(scores) and value >= GATE_DICE
+    return {"value": value, "level": GATE_DICE, "labelled_cases": largest, "seeds": len(scores),
+            "rule": f"scratch mean test Dice >= {GATE_DICE}", "passed": passed}  # fmt: skip
+
+
+def measure_pretraining_gate(out_dir: str, preset: Preset, test_list: str) -> dict:
+    """Runs the pre-training bundle's `evaluate.json` (its `model.pt`) on the held-out test phantoms, which neither
+    bundle trains or validates on, in batches of `gate_batch` CTs x `gate_samples` sub-volumes; returns gate (a).
+
+    Args:
+        out_dir: the experiment's folder (pre-training done).
+        preset: the experiment's size.
+        test_list: the test datalist (its images are used, not its labels).
+    """
+    if preset.num_test % preset.gate_batch:
+        raise ValueError(f"gate_batch {preset.gate_batch} must divide num_test {preset.num_test}.")
+    run_dir = os.path.join(out_dir, "pretrain", "gate")
+    done = os.path.join(run_dir, "gate.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            return json.load(f)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    with open(test_list) as f:
+        images = [{"image": case["image"]} for case in json.load(f)["validation"]]
+    datalist = os.path.join(run_dir, "held_out.json")
+    write_json_atomic({"training": images, "validation": images}, datalist)
+    configs = os.path.join(REPO, "bundles", "swin_unetr_pretrain", "configs")
+    bundle_run(
+        ["--config_file", str([os.path.join(configs, "train.json"), os.path.join(configs, "evaluate.json")])]
+        + settings(
+            dataset_dir=run_dir,
+            datalist=datalist,
+            ckpt_dir=os.path.join(out_dir, "pretrain", "models"),
+            output_dir=os.path.join(run_dir, "eval"),
+            feature_size=preset.feature_size,
+            roi_size=[preset.roi_size] * 3,
+            batch_size=preset.gate_batch,
+            num_samples=preset.gate_samples,
+            seed=0,
+            **{k: v for k, v in preset.extra.items() if k != "sw_batch_size"},
+        ),  # fmt: skip
+        os.path.join(out_dir, "logs", "pretrain_gate.log"),
+    )
+    with open(os.path.join(run_dir, "eval", "metrics.csv")) as f:
+        metrics = {name: float(value) for name, value in csv.reader(f)}
+    gate = pretraining_gate(metrics, rotation_predictions=2 * preset.num_test * preset.gate_samples)
+    write_json_atomic(gate, done)
+    return gate
+
+
+def plot_pretraining_terms(out_dir: str, sub_volumes: int, blurred_l1: float | None = None) -> None:
+    """`pretraining_terms.png`: the three proxy-task losses per iteration, read from the pre-training bundle's log,
+    each beside the level of a network that learned nothing.
+
+    Args:
+        out_dir: the experiment's folder.
+        sub_volumes: sub-volumes per training step (B: the contrastive chance line is ln(2B - 1)).
+        blurred_l1: the blurred-input baseline's L1 on the held-out phantoms (gate (a)), drawn on the L1 panel.
+    """
     import re
 
     import matplotlib
@@ -194,11 +306,15 @@ def plot_pretraining_terms(out_dir: str) -> None:
     if not len(terms):
         return
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    chance = {"contrastive (NT-Xent)": None, "inpainting (L1)": None, "rotation (cross-entropy)": np.log(4)}
-    for ax, (name, level), values in zip(axes, chance.items(), terms[:, :3].T):
+    chance = {
+        "contrastive (NT-Xent)": (np.log(2 * sub_volumes - 1), f"chance, ln(2B - 1), B = {sub_volumes}"),
+        "inpainting (L1)": (blurred_l1, "blurred input (held-out)"),
+        "rotation (cross-entropy)": (np.log(4), "chance (4 rotations)"),
+    }
+    for ax, (name, (level, label)), values in zip(axes, chance.items(), terms[:, :3].T):
         ax.plot(np.arange(1, len(values) + 1), values, lw=0.8)
         if level is not None:
-            ax.axhline(level, color="grey", ls="--", lw=0.8, label="chance (4 rotations)")
+            ax.axhline(level, color="grey", ls="--", lw=0.8, label=label)
             ax.legend(fontsize=8)
         ax.set_title(name)
         ax.set_xlabel("iteration")
@@ -303,9 +419,11 @@ def call(differences: list[float]) -> str:
     return "no clear difference"
 
 
-def summarise(out_dir: str, results: list[dict]) -> list[dict]:
+def summarise(out_dir: str, results: list[dict], powered: bool = True) -> list[dict]:
     """Writes results.csv, summary.csv and the picture from the finished runs' `results`; returns the summary rows.
-    Each comparison pairs the seeds that both arms have finished (all of them once the experiment is complete)."""
+    Each comparison pairs the seeds that both arms have finished (all of them once the experiment is complete).
+    Unless `powered` (both gates passed), no comparison is drawn: the calls read "not powered", with no differences.
+    """
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(results[0]))
         writer.writeheader()
@@ -326,8 +444,8 @@ def summarise(out_dir: str, results: list[dict]) -> list[dict]:
                 for other in ("scratch",) + (("shuffled",) if arm == "pretrained" else ()):
                     paired = [s for s in seeds if (other, cases, s) in by_key]
                     diffs = [by_key[(arm, cases, s)] - by_key[(other, cases, s)] for s in paired]
-                    row[f"minus_{other}"] = " ".join(f"{d:+.4f}" for d in diffs)
-                    row[f"vs_{other}"] = call(diffs) if diffs else ""
+                    row[f"minus_{other}"] = " ".join(f"{d:+.4f}" for d in diffs) if powered else ""
+                    row[f"vs_{other}"] = (call(diffs) if diffs else "") if powered else NOT_POWERED
             summary.append(row)
     fields = ["arm", "labelled_cases", "seeds", "mean_dice", "std_dice", "min_dice", "max_dice",
               "minus_scratch", "vs_scratch", "minus_shuffled", "vs_shuffled"]  # fmt: skip
@@ -335,12 +453,13 @@ def summarise(out_dir: str, results: list[dict]) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(summary)
-    plot(out_dir, summary, counts)
+    plot(out_dir, summary, counts, powered)
     return summary
 
 
-def plot(out_dir: str, summary: list[dict], counts: list[int]) -> None:
-    """Mean test Dice against labelled cases, one line per arm, bars spanning the seeds' min to max."""
+def plot(out_dir: str, summary: list[dict], counts: list[int], powered: bool = True) -> None:
+    """Mean test Dice against labelled cases, one line per arm, bars spanning the seeds' min to max; the title says
+    when the experiment is not powered."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -361,7 +480,8 @@ def plot(out_dir: str, summary: list[dict], counts: list[int]) -> None:
     ax.set_xticks(counts, [str(c) for c in counts])
     ax.set_xlabel("labelled training cases")
     ax.set_ylabel("mean test Dice over 13 organs")
-    ax.set_title("Fine-tuning from scratch, pre-trained and shuffled encoders\n(mean over seeds, bars: min to max)")
+    note = "mean over seeds, bars: min to max" + ("" if powered else "; NOT POWERED: gates failed, no comparison")
+    ax.set_title(f"Fine-tuning from scratch, pre-trained and shuffled encoders\n({note})")
     ax.legend()
     fig.tight_layout()
     tmp = os.path.join(out_dir, "dice_vs_labelled_cases.partial.png")
@@ -386,9 +506,14 @@ def main(preset: str = "cpu", out_dir: str = "experiments/ssl_cpu") -> None:
     lists = prepare_data(out_dir, chosen)
     print(f"data ready: {os.path.join(out_dir, 'data')}", flush=True)
     encoder = pretrain(out_dir, chosen, lists["pretrain"])
-    plot_pretraining_terms(out_dir)
-    encoders = {"pretrained": encoder, "shuffled": shuffled_encoder(encoder)}
     print(f"pre-training done: {encoder}", flush=True)
+    pretraining = measure_pretraining_gate(out_dir, chosen, lists["test"])
+    plot_pretraining_terms(out_dir, chosen.pretrain_batch * chosen.num_samples,
+                           pretraining["terms"]["inpainting"]["level"])  # fmt: skip
+    for name, term in pretraining["terms"].items():
+        print(f"gate (a) {name}: {term['value']:.4f} against {term['level']:.4f} ({term['rule']}): "
+              f"{'passed' if term['passed'] else 'FAILED'}", flush=True)  # fmt: skip
+    encoders = {"pretrained": encoder, "shuffled": shuffled_encoder(encoder)}
     results = []
     for cases in chosen.label_counts:
         for seed in chosen.seeds:
@@ -396,7 +521,18 @@ def main(preset: str = "cpu", out_dir: str = "experiments/ssl_cpu") -> None:
                 result = finetune(out_dir, chosen, lists, arm, cases, seed, encoders)
                 print(f"{arm:>10} n={cases} seed={seed}: test mean Dice {result['mean_dice']:.4f}", flush=True)
                 results.append(result)
-    summary = summarise(out_dir, results)
+    finetuning = finetuning_gate(results, max(chosen.label_counts))
+    gates = {
+        "pretraining": pretraining,
+        "finetuning": finetuning,
+        "powered": pretraining["passed"] and finetuning["passed"],
+    }
+    write_json_atomic(gates, os.path.join(out_dir, "gates.json"))
+    print(f"gate (b) scratch at n={finetuning['labelled_cases']}: {finetuning['value']:.4f} ({finetuning['rule']}): "
+          f"{'passed' if finetuning['passed'] else 'FAILED'}", flush=True)  # fmt: skip
+    if not gates["powered"]:
+        print(f"{NOT_POWERED}: a gate failed, so no comparison is drawn (gates.json)", flush=True)
+    summary = summarise(out_dir, results, powered=gates["powered"])
     for row in summary:
         calls = ", ".join(f"{k}: {row[k]} ({row['minus_' + k[3:]]})" for k in ("vs_scratch", "vs_shuffled") if k in row)
         print(f"{row['arm']:>10} n={row['labelled_cases']}: {row['mean_dice']:.4f} +- {row['std_dice']:.4f}  {calls}")

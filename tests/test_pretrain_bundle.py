@@ -41,7 +41,10 @@ def test_pretraining_logs_three_terms_and_learns(pretrained):
     np.testing.assert_allclose(terms[:, :3].sum(axis=1), terms[:, 3], atol=2e-4)  # weights 1: total = sum
     assert terms[-4:, 3].mean() < terms[:4, 3].mean()
     assert terms[-4:, 1].mean() < 0.9 * terms[:4, 1].mean()  # inpainting learns fastest
-    assert len(re.findall(r"Metrics -- val_l1: [0-9.]+ val_rotation_accuracy: [0-9.]+", log)) == 4
+    # one validation sub-volume: no negatives, so the contrastive term and its chance line ln(2B - 1) are both 0
+    metrics = re.findall(r"Metrics -- val_contrast: (\S+) val_contrast_chance: (\S+) val_l1: [0-9.]+ "
+                         r"val_l1_blurred_input: [0-9.]+ val_rotation_accuracy: [0-9.]+", log)  # fmt: skip
+    assert metrics == [("0.0000", "0.0000")] * 4
     assert "cpu_memory_pool: freed memory stays in the process" in log  # on by default for CPU training
 
 
@@ -101,16 +104,21 @@ def test_fine_tuning_starts_from_the_exported_encoder(pretrained, btcv_data, tmp
     )
 
 
-def test_evaluate_reports_validation_metrics(pretrained, btcv_data):
+def test_evaluate_reports_each_proxy_task_beside_its_chance_line(pretrained, btcv_data):
+    """On 2 validation volumes in one batch (B = 2 sub-volumes, 4 views), each proxy task beside its chance line."""
     out, _ = pretrained
     proc = run_bundle(
         [TRAIN, EVALUATE], dataset_dir=str(btcv_data), ckpt_dir=str(out / "models"), output_dir=str(out / "evaluation"),
-        **SSL_TINY,
+        **dict(SSL_TINY, val_fraction=0.4),
     )  # fmt: skip
     assert "Restored all variables from" in proc.stdout + proc.stderr
     metrics = dict(line.split(",") for line in (out / "evaluation" / "metrics.csv").read_text().split("\n") if line)
-    assert set(metrics) == {"val_l1", "val_rotation_accuracy"}
-    assert 0.0 <= float(metrics["val_rotation_accuracy"]) <= 1.0 and float(metrics["val_l1"]) > 0.0
+    metrics = {name: float(value) for name, value in metrics.items()}
+    assert set(metrics) == {"val_l1", "val_l1_blurred_input", "val_rotation_accuracy", "val_contrast",
+                            "val_contrast_chance"}  # fmt: skip
+    assert metrics["val_contrast_chance"] == pytest.approx(np.log(3), rel=1e-6)
+    assert 0.0 < metrics["val_contrast"] and 0.0 <= metrics["val_rotation_accuracy"] <= 1.0
+    assert 0.0 < metrics["val_l1_blurred_input"] < 1.0 and 0.0 < metrics["val_l1"]
 
 
 def test_multi_gpu_pretraining_runs_two_processes_on_cpu(btcv_data, tmp_path):

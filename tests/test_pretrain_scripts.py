@@ -112,6 +112,63 @@ def test_combined_loss_weights_and_terms():
         ssl_loss.SSLLoss(0, 0, 0)
 
 
+def _validation_metrics(batches: list[dict], **settings) -> dict[str, float]:
+    """The pre-training config's validation metrics, run over `batches` of evaluator outputs by an ignite engine."""
+    from ignite.engine import Engine
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "swin_unetr_pretrain" / "configs" / "train.json"))
+    parser["bundle_root"] = str(BUNDLES / "swin_unetr_pretrain")
+    for key, value in dict(device="cpu", **settings).items():
+        parser[key] = value
+    metrics = dict(parser.get_parsed_content("validate#key_metric"))
+    metrics.update(parser.get_parsed_content("validate#additional_metrics"))
+    engine = Engine(lambda engine, batch: batch)
+    for name, metric in metrics.items():
+        metric.attach(engine, name)
+    return engine.run(batches).metrics
+
+
+def _evaluator_output(sub_volumes: int, projections: torch.Tensor, seed: int = 0) -> dict:
+    """What the SSL evaluator outputs for a batch of `sub_volumes` (two views each)."""
+    generator = torch.Generator().manual_seed(seed)
+    image = lambda: torch.rand(2 * sub_volumes, 1, 16, 16, 16, generator=generator)  # noqa: E731
+    rotations = torch.arange(2 * sub_volumes) % 4
+    return {
+        "image": image(),
+        "label": {"image": image(), "rotation": rotations},
+        "pred": {"reconstruction": image(), "contrastive": projections, "rotation": torch.eye(4)[rotations]},
+    }
+
+
+def test_validation_reports_each_proxy_task_beside_its_chance_line():
+    """The gates of the pre-training experiment read these: NT-Xent and its chance ln(2B - 1) (equal for
+    projections that carry nothing, averaged over batches by their sub-volumes), and the L1 of the blurred
+    corrupted input, the baseline the reconstruction must beat."""
+    from monai.networks.layers import GaussianFilter
+
+    torch.manual_seed(0)
+    uninformative = [_evaluator_output(3, torch.ones(6, 8)), _evaluator_output(2, torch.ones(4, 8), seed=1)]
+    metrics = _validation_metrics(uninformative)
+    assert metrics["val_contrast_chance"] == pytest.approx((3 * math.log(5) + 2 * math.log(3)) / 5, rel=1e-6)
+    assert metrics["val_contrast"] == pytest.approx(metrics["val_contrast_chance"], rel=1e-5)
+    assert metrics["val_rotation_accuracy"] == 1.0
+    blur = GaussianFilter(3, 1.0)
+    blurred = [(blur(o["image"]) - o["label"]["image"]).abs() for o in uninformative]
+    assert metrics["val_l1_blurred_input"] == pytest.approx(
+        torch.cat([b.flatten() for b in blurred]).mean().item(), rel=1e-5
+    )
+    views = torch.randn(3, 8)
+    matching = _validation_metrics([_evaluator_output(3, torch.cat([views, views]))])
+    assert matching["val_contrast"] < 0.5 * matching["val_contrast_chance"]  # each view finds its partner
+    wider = _validation_metrics(uninformative[:1], baseline_blur_sigma=2.0)["val_l1_blurred_input"]
+    assert wider != pytest.approx(metrics["val_l1_blurred_input"], rel=1e-3)
+    assert set(_validation_metrics(uninformative, contrast_weight=0.0, rot_weight=0.0)) == {
+        "val_l1",
+        "val_l1_blurred_input",
+    }
+
+
 def test_rotation_label_is_the_rotation_applied():
     image = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)  # no symmetry: each k differs
     seen = set()

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 
 import pytest
@@ -29,6 +30,48 @@ def test_summary_pairs_the_seeds_both_arms_finished(tmp_path):
     assert summary["pretrained"]["minus_scratch"] == "+0.0500" and summary["pretrained"]["minus_shuffled"] == ""
     assert summary["shuffled"]["minus_scratch"] == "-0.1000"
     assert (tmp_path / "dice_vs_labelled_cases.png").is_file()
+
+
+def test_rotation_gate_is_a_one_sided_binomial_test():
+    assert ssl_experiment.binomial_p_value(4, 6, 0.25) == pytest.approx(0.03760, abs=1e-5)  # 4 of 6: passes
+    assert ssl_experiment.binomial_p_value(3, 6, 0.25) == pytest.approx(0.16943, abs=1e-5)  # 3 of 6: does not
+    assert ssl_experiment.binomial_p_value(0, 6, 0.25) == pytest.approx(1.0)
+
+
+LEARNED = {"val_contrast": 0.9, "val_contrast_chance": math.log(3), "val_rotation_accuracy": 4 / 6, "val_l1": 0.04,
+           "val_l1_blurred_input": 0.05}  # fmt: skip
+
+
+@pytest.mark.parametrize("changed, failed", [
+    ({}, None),
+    ({"val_contrast": 1.0}, "contrastive"),  # below ln 3 = 1.099, but not by 10%
+    ({"val_contrast": 0.0, "val_contrast_chance": 0.0}, "contrastive"),  # one sub-volume a batch: not measurable
+    ({"val_rotation_accuracy": 3 / 6}, "rotation"),  # above 1/4, but 3 of 6 is p = 0.17
+    ({"val_l1": 0.046}, "inpainting"),  # better than the blurred input, but not by 10%
+])  # fmt: skip
+def test_pretraining_gate_needs_each_term_clearly_past_its_chance_level(changed, failed):
+    gate = ssl_experiment.pretraining_gate(dict(LEARNED, **changed), rotation_predictions=6)
+    assert gate["passed"] == (failed is None)
+    assert [name for name, term in gate["terms"].items() if not term["passed"]] == ([failed] if failed else [])
+    assert gate["terms"]["contrastive"]["level"] == dict(LEARNED, **changed)["val_contrast_chance"]
+
+
+def test_finetuning_gate_reads_the_scratch_arm_at_the_largest_count():
+    rows = [{"arm": "scratch", "labelled_cases": 6, "seed": s, "mean_dice": d} for s, d in enumerate((0.45, 0.6))]
+    rows += [{"arm": "scratch", "labelled_cases": 2, "seed": 0, "mean_dice": 0.1},
+             {"arm": "pretrained", "labelled_cases": 6, "seed": 0, "mean_dice": 0.1}]  # fmt: skip
+    gate = ssl_experiment.finetuning_gate(rows, largest=6)
+    assert gate["passed"] and gate["value"] == pytest.approx(0.525) and gate["seeds"] == 2
+    assert not ssl_experiment.finetuning_gate(rows[:1], largest=6)["passed"]
+    assert not ssl_experiment.finetuning_gate(rows, largest=8)["passed"]  # no run at that count yet
+
+
+def test_an_experiment_that_is_not_powered_draws_no_comparison(tmp_path):
+    runs = [("scratch", 0, 0.10), ("pretrained", 0, 0.30), ("shuffled", 0, 0.1)]
+    rows = [{"arm": arm, "labelled_cases": 2, "seed": seed, "mean_dice": dice} for arm, seed, dice in runs]
+    summary = {row["arm"]: row for row in ssl_experiment.summarise(str(tmp_path), rows, powered=False)}
+    assert summary["pretrained"]["vs_scratch"] == summary["pretrained"]["vs_shuffled"] == "not powered"
+    assert summary["pretrained"]["minus_scratch"] == "" and summary["pretrained"]["mean_dice"] == pytest.approx(0.3)
 
 
 def forked_bundle_run(args: list[str], log_path: str) -> None:
@@ -74,11 +117,28 @@ def test_every_arm_count_and_seed_is_scored_on_the_test_cases(tiny_run):
         assert set(ssl_experiment.ORGANS) <= set(row)
     summary = list(csv.DictReader(open(tiny_run / "summary.csv")))
     pretrained = [r for r in summary if r["arm"] == "pretrained"]
-    assert all(r["vs_scratch"] in ("better", "worse", "no clear difference") and r["vs_shuffled"] for r in pretrained)
+    assert all(r["vs_scratch"] == r["vs_shuffled"] == "not powered" for r in pretrained)  # 2 steps learn nothing
     hardness = json.loads((tiny_run / "data" / "hardness.json").read_text())
     assert 0.0 < hardness["hu_lookup_mean_dice"] < 1.0 and 0.0 < hardness["mean_crop_overlap"] <= 1.0
     for picture in ("dice_vs_labelled_cases.png", "pretraining_curves.png"):
         assert (tiny_run / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gates_are_measured_on_held_out_phantoms_and_reported(tiny_run):
+    """Gate (a) from the pre-training bundle's evaluation of the test phantoms' images (1 CT x 2 sub-volumes: B = 2,
+    4 views), gate (b) from the scratch runs; the tiny budget passes neither."""
+    gates = json.loads((tiny_run / "gates.json").read_text())
+    terms = gates["pretraining"]["terms"]
+    assert terms["contrastive"]["level"] == pytest.approx(math.log(3), rel=1e-6)
+    assert terms["rotation"]["level"] == 0.25 and terms["rotation"]["views"] == 4
+    assert 0.0 < terms["inpainting"]["level"] < 1.0 and terms["inpainting"]["value"] > 0.0
+    assert gates["finetuning"]["labelled_cases"] == 1 and gates["finetuning"]["seeds"] == 1
+    assert not gates["finetuning"]["passed"] and gates["powered"] is False
+    log = (tiny_run / "logs" / "pretrain_gate.log").read_text()
+    assert str(tiny_run / "pretrain" / "gate" / "held_out.json") in log and "Restored all variables from" in log
+    held_out = json.loads((tiny_run / "pretrain" / "gate" / "held_out.json").read_text())["validation"]
+    test_cases = json.loads((tiny_run / "data" / "test.json").read_text())["validation"]
+    assert [c["image"] for c in held_out] == [c["image"] for c in test_cases]
 
 
 def test_runs_differ_only_in_their_public_settings(tiny_run):

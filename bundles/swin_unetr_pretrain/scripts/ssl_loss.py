@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from monai.losses import ContrastiveLoss
 from torch import nn
@@ -41,3 +43,16 @@ class SSLLoss(nn.Module):
             terms["rotation"] = nn.functional.cross_entropy(predictions["rotation"].float(), targets["rotation"])
         self.terms = {name: value.item() for name, value in terms.items()}
         return sum(self.weights[name] * value for name, value in terms.items())  # type: ignore[return-value]
+
+
+def contrastive_chance(view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+    """The NT-Xent loss of projections that carry no information, ln(2B - 1) for B sub-volumes: with every
+    similarity equal, each view's positive is one of its 2B - 1 candidates. The chance line of the contrastive term.
+
+    Args:
+        view1: projections of the first views, B rows.
+        view2: projections of the second views, B rows (only their number matters).
+    """
+    if len(view1) != len(view2):
+        raise ValueError(f"both views need one projection per sub-volume, got {len(view1)} and {len(view2)}.")
+    return torch.tensor(math.log(2 * len(view1) - 1))
