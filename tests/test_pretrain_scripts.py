@@ -84,6 +84,62 @@ def test_contrastive_term_is_nt_xent():
     assert loss.terms == {"contrast": pytest.approx(value.item())}
 
 
+def _nt_xent_with_negatives(a: torch.Tensor, b: torch.Tensor, negatives: torch.Tensor, temperature: float) -> float:
+    """NT-Xent written out with `negatives` added to every view's denominator."""
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    q = F.normalize(negatives, dim=1)
+    n = a.shape[0]
+    total = 0.0
+    for i in range(2 * n):
+        others = [math.exp((z[i] @ z[k]).item() / temperature) for k in range(2 * n) if k != i]
+        queued = [math.exp((z[i] @ q[k]).item() / temperature) for k in range(len(q))]
+        positive = math.exp((z[i] @ z[(i + n) % (2 * n)]).item() / temperature)
+        total += -math.log(positive / (sum(others) + sum(queued)))
+    return total / (2 * n)
+
+
+def test_contrast_queue_adds_the_projections_of_earlier_steps_as_negatives():
+    """contrast_queue_size K: the first step is the paper's NT-Xent; later steps add the last K projections of
+    earlier steps (both views, normalised, oldest replaced first) to every view's negatives."""
+    torch.manual_seed(3)
+    loss = ssl_loss.SSLLoss(inpaint_weight=0, rot_weight=0, queue_size=5, projection_dim=8)
+    steps = [torch.randn(4, 8, requires_grad=True) for _ in range(3)]  # 2 sub-volumes x 2 views per step
+    first = loss({"contrastive": steps[0]}, {})
+    assert first.item() == pytest.approx(_nt_xent(*steps[0].chunk(2), 0.5), rel=1e-5)
+    second = loss({"contrastive": steps[1]}, {})
+    assert second.item() == pytest.approx(_nt_xent_with_negatives(*steps[1].chunk(2), steps[0], 0.5), rel=1e-5)
+    third = loss({"contrastive": steps[2]}, {})  # the queue holds step 1's last view and all of step 2's
+    queued = torch.cat([steps[0][3:], steps[1]]).detach()
+    assert third.item() == pytest.approx(_nt_xent_with_negatives(*steps[2].chunk(2), queued, 0.5), rel=1e-5)
+    assert loss.terms == {"contrast": pytest.approx(third.item())}
+    (first + second + third).backward()  # each step's queued negatives are kept for its backward pass
+    assert all(step.grad is not None and step.grad.abs().sum() > 0 for step in steps)
+    assert ssl_loss.QueuedContrastiveLoss(0.5, 5, 8)(*steps[0].chunk(2)).item() == pytest.approx(first.item())
+
+
+def test_contrast_queue_is_checkpoint_state_and_validation_leaves_it_alone():
+    """The queue travels in the loss's state_dict, so a resumed run continues with the same negatives; calls
+    without gradients (validation) neither read a different queue nor add to it."""
+    torch.manual_seed(4)
+    loss = ssl_loss.SSLLoss(inpaint_weight=0, rot_weight=0, queue_size=6, projection_dim=8)
+    for _ in range(2):
+        loss({"contrastive": torch.randn(4, 8)}, {})
+    resumed = ssl_loss.SSLLoss(inpaint_weight=0, rot_weight=0, queue_size=6, projection_dim=8)
+    resumed.load_state_dict(loss.state_dict())
+    batch = torch.randn(4, 8)
+    with torch.no_grad():
+        before = {k: v.clone() for k, v in loss.state_dict().items()}
+        loss({"contrastive": batch}, {})
+        assert all(torch.equal(before[k], v) for k, v in loss.state_dict().items())
+    assert resumed({"contrastive": batch}, {}).item() == loss({"contrastive": batch}, {}).item()
+    with pytest.raises(ValueError, match="contrast_queue_size"):
+        ssl_loss.SSLLoss(queue_size=-1)
+    with pytest.raises(ValueError, match="projection_dim"):
+        ssl_loss.SSLLoss(inpaint_weight=0, rot_weight=0, queue_size=4, projection_dim=8)(
+            {"contrastive": torch.randn(4, 6)}, {}
+        )
+
+
 def test_matching_views_score_lower_than_random_views():
     torch.manual_seed(1)
     a = torch.randn(4, 16)

@@ -141,6 +141,57 @@ def test_gates_are_measured_on_held_out_phantoms_and_reported(tiny_run):
     assert [c["image"] for c in held_out] == [c["image"] for c in test_cases]
 
 
+def test_pretraining_checkpoint_holds_its_contrast_queue(tiny_run):
+    """The tiny preset pre-trains with contrast_queue_size 4: the training checkpoint carries the queue, full after
+    its 2 steps of 2 sub-volumes x 2 views, so a resumed run continues with the same negatives."""
+    import torch
+
+    (checkpoint,) = (tiny_run / "pretrain" / "models").glob("checkpoint_*.pt")
+    queue = torch.load(checkpoint, map_location="cpu", weights_only=True)["contrast_queue"]
+    assert queue["queued.queue"].shape == (4, 512) and int(queue["queued.filled"]) == 4
+    assert torch.allclose(queue["queued.queue"].norm(dim=1), torch.ones(4))  # normalised projections
+    assert "> contrast_queue_size: 4" in (tiny_run / "logs" / "pretrain.log").read_text()
+
+
+@pytest.mark.parametrize("pretraining_passed, scratch_dice, runs", [(True, 0.6, 12), (False, 0.6, 2), (True, 0.4, 2)])
+def test_gates_come_first_and_the_comparison_runs_only_once_both_pass(
+    pretraining_passed, scratch_dice, runs, tmp_path, monkeypatch
+):
+    """The scratch runs at the largest labelled count are made first; the other arms and counts follow only when
+    gate (a) and gate (b) both pass."""
+    made = []
+
+    def fake_finetune(out_dir, preset, lists, arm, cases, seed, encoders):
+        made.append((arm, cases, seed))
+        return {"arm": arm, "labelled_cases": cases, "seed": seed, "mean_dice": scratch_dice}
+
+    preset = ssl_experiment.Preset(
+        fov_scale=0.45, num_unlabelled=2, num_val=1, num_test=1, label_counts=(1, 2), seeds=(0, 1),
+        feature_size=12, roi_size=64, pretrain_epochs=1, pretrain_batch=1, pretrain_val_every=1, finetune_steps=1,
+        finetune_val_every=1,
+    )  # fmt: skip
+    gate = {
+        "passed": pretraining_passed,
+        "terms": {"inpainting": {"value": 0.1, "level": 0.2, "rule": "", "passed": True}},
+    }
+    monkeypatch.setitem(ssl_experiment.PRESETS, "fake", preset)
+    monkeypatch.setattr(
+        ssl_experiment, "prepare_data", lambda out_dir, preset: {"test": "t.json", "pretrain": "p.json"}
+    )
+    monkeypatch.setattr(ssl_experiment, "pretrain", lambda out_dir, preset, datalist: "model_swinvit.pt")
+    monkeypatch.setattr(ssl_experiment, "measure_pretraining_gate", lambda out_dir, preset, test_list: gate)
+    monkeypatch.setattr(ssl_experiment, "plot_pretraining_terms", lambda *args: None)
+    monkeypatch.setattr(ssl_experiment, "shuffled_encoder", lambda encoder: "shuffled.pt")
+    monkeypatch.setattr(ssl_experiment, "finetune", fake_finetune)
+    ssl_experiment.main(preset="fake", out_dir=str(tmp_path))
+    assert made[:2] == [("scratch", 2, 0), ("scratch", 2, 1)] and len(made) == len(set(made)) == runs
+    powered = runs == 12  # 3 arms x 2 labelled counts x 2 seeds
+    assert json.loads((tmp_path / "gates.json").read_text())["powered"] == powered
+    with open(tmp_path / "summary.csv") as f:
+        calls = {row["vs_scratch"] for row in csv.DictReader(f) if row["arm"] != "scratch"}
+    assert calls == ({"no clear difference"} if powered else set())
+
+
 def test_runs_differ_only_in_their_public_settings(tiny_run):
     """Each arm starts from what it says (the log of the bundle names the encoder it loaded), the labelled count
     and seed reach the bundle, and the test evaluation reads the test list."""
