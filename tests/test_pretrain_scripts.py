@@ -168,12 +168,20 @@ def test_combined_loss_weights_and_terms():
         ssl_loss.SSLLoss(0, 0, 0)
 
 
+def _pretrain_config() -> ConfigParser:
+    """The pre-training train.json, with the bundle's `scripts` package the one in sys.modules: the parser locates
+    `scripts.*` there, and another test module of the same worker may have imported another bundle's."""
+    load_bundle_scripts("swin_unetr_pretrain")
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "swin_unetr_pretrain" / "configs" / "train.json"))
+    return parser
+
+
 def _validation_metrics(batches: list[dict], **settings) -> dict[str, float]:
     """The pre-training config's validation metrics, run over `batches` of evaluator outputs by an ignite engine."""
     from ignite.engine import Engine
 
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLES / "swin_unetr_pretrain" / "configs" / "train.json"))
+    parser = _pretrain_config()
     parser["bundle_root"] = str(BUNDLES / "swin_unetr_pretrain")
     for key, value in dict(device="cpu", **settings).items():
         parser[key] = value
@@ -262,9 +270,7 @@ def test_training_views_keep_targets_uncorrupted(tmp_path):
     """The config's own transform chain: targets are the rotated crop, views differ from them by cutouts only."""
     image, _, affine = synthetic_ct.make_case(seed=0, shape=(100, 90, 36))
     synthetic_ct.save_nifti(image, affine, str(tmp_path / "ct.nii.gz"))
-    load_bundle_scripts("swin_unetr_pretrain")  # the parser locates `scripts.*` in sys.modules
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLES / "swin_unetr_pretrain" / "configs" / "train.json"))
+    parser = _pretrain_config()
     parser.update({"roi_size": [64, 64, 64], "num_samples": 2, "bundle_root": str(tmp_path)})
     samples = parser.get_parsed_content("train#preprocessing")({"image": str(tmp_path / "ct.nii.gz")})
     assert len(samples) == 2
@@ -384,8 +390,7 @@ def test_pixdim_resamples_or_keeps_the_images_spacing(pixdim, expected, tmp_path
     """The model card's way to pre-train without resampling, as the released code does: non-positive `pixdim`."""
     image, _, affine = synthetic_ct.make_case(seed=0, shape=(48, 44, 12), spacing=(1.0, 1.0, 2.5))
     synthetic_ct.save_nifti(image, affine, str(tmp_path / "ct.nii.gz"))
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLES / "swin_unetr_pretrain" / "configs" / "train.json"))
+    parser = _pretrain_config()
     parser.update({"pixdim": pixdim, "bundle_root": str(tmp_path)})
     resample = monai.transforms.Compose(parser.get_parsed_content("train#deterministic_transforms")[:3])
     out = resample({"image": str(tmp_path / "ct.nii.gz")})["image"]
@@ -435,8 +440,7 @@ def test_dataset_choices_build(override, dataset_type, tmp_path):
 @pytest.mark.parametrize("device, pool, pass_size", [("cpu", True, 1), ("cuda:0", False, None)])
 def test_cpu_training_keeps_freed_memory_and_encodes_one_sub_volume_at_a_time(device, pool, pass_size):
     """On a CPU the pool keeps a step fast, and one sub-volume per encoder pass keeps its peak down."""
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLES / "swin_unetr_pretrain" / "configs" / "train.json"))
+    parser = _pretrain_config()
     parser["device"] = device
     assert parser.get_parsed_content("cpu_memory_pool") is pool
     assert parser.get_parsed_content("memory_pool#enabled") is pool
