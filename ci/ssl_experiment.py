@@ -86,7 +86,8 @@ PRESETS = {
         fov_scale=0.45, num_unlabelled=2, num_val=1, num_test=1, label_counts=(1,), seeds=(0,), feature_size=12,
         roi_size=64, pretrain_epochs=2, pretrain_batch=2, pretrain_val_every=2, finetune_steps=2,
         finetune_val_every=2, gate_batch=1, gate_samples=2, num_samples=1, contrast_queue_size=4,
-        extra={"use_checkpoint": False, "num_workers": 0, "sw_batch_size": 2}, runs_unpowered=True,
+        pixdim=(3.0, 3.0, 4.0), extra={"use_checkpoint": False, "num_workers": 0, "sw_batch_size": 2},
+        runs_unpowered=True,
     ),
     "cpu": Preset(
         fov_scale=0.6, num_unlabelled=48, num_val=2, num_test=6, label_counts=(2, 8), seeds=(0, 1, 2),

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 _SERVER = r"""
 import atexit, json, os, runpy, sys
@@ -66,6 +66,73 @@ for line in sys.stdin:
 """
 
 
+class StartedRun:
+    """A `python -m monai.bundle` run in progress, its output going to two files: read it, kill it, wait for it.
+
+    Args:
+        command: the command line it stands for (as `subprocess` reports it).
+        folder: the temporary folder with its `stdout` and `stderr` files, removed once it has ended.
+        kill: stops the run and whatever it started.
+        wait: blocks until the run ends or `timeout` s pass (None: no limit); returns its exit status, or None.
+    """
+
+    def __init__(
+        self,
+        command: list[str],
+        folder: tempfile.TemporaryDirectory,
+        kill: Callable[[], None],
+        wait: Callable[[float | None], int | None],
+    ) -> None:
+        self.command, self._folder, self.kill, self._wait = command, folder, kill, wait
+        self.stdout, self.stderr = os.path.join(folder.name, "stdout"), os.path.join(folder.name, "stderr")
+        self.returncode: int | None = None
+
+    def poll(self, timeout: float | None = 0.0) -> int | None:
+        """The run's exit status once it has ended (waiting up to `timeout` s, None: no limit), else None."""
+        if self.returncode is None:
+            self.returncode = self._wait(timeout)
+        return self.returncode
+
+    def output(self) -> str:
+        """What the run has printed so far, standard output then standard error."""
+        text = []
+        for path in (self.stdout, self.stderr):
+            with open(path, errors="replace") as f:
+                text.append(f.read())
+        return "".join(text)
+
+    def wait(self, timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Waits for the run's end and returns it as `subprocess.run` would, with its output as text; raises
+        `subprocess.TimeoutExpired` (after killing it) when it runs past `timeout` s."""
+        timed_out = self.poll(timeout) is None
+        if timed_out:
+            self.kill()
+            self.poll(None)
+        try:
+            if timed_out:
+                raise subprocess.TimeoutExpired(self.command, timeout)
+            with open(self.stdout, errors="replace") as out, open(self.stderr, errors="replace") as err:
+                return subprocess.CompletedProcess(self.command, self.returncode, out.read(), err.read())
+        finally:
+            self._folder.cleanup()
+
+
+def start_process(args: Sequence[str], env: dict[str, str], cwd: str) -> StartedRun:
+    """`python -m monai.bundle ARGS` in a fresh interpreter (where forking is unsafe), as a `StartedRun`."""
+    folder = tempfile.TemporaryDirectory()
+    command = [sys.executable, "-m", "monai.bundle", *args]
+    with open(os.path.join(folder.name, "stdout"), "w") as out, open(os.path.join(folder.name, "stderr"), "w") as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True)
+
+    def wait(timeout: float | None) -> int | None:
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    return StartedRun(command, folder, lambda: os.killpg(proc.pid, signal.SIGKILL), wait)
+
+
 class BundleLauncher:
     """Runs `python -m monai.bundle ARGS` as forks of one server process that has the slow imports done.
 
@@ -89,22 +156,26 @@ class BundleLauncher:
             raise RuntimeError(f"the bundle launcher's server ended (exit {self.server.poll()})")
         return json.loads(line)
 
+    def start(self, args: Sequence[str], env: dict[str, str], cwd: str) -> StartedRun:
+        """Starts `python -m monai.bundle ARGS` in `cwd` with `env` as a fork of the server; returns it running. The
+        server takes the next run once this one has been waited for."""
+        folder = tempfile.TemporaryDirectory()
+        stdout, stderr = (os.path.join(folder.name, name) for name in ("stdout", "stderr"))
+        request = {"args": list(args), "env": env, "cwd": cwd, "stdout": stdout, "stderr": stderr}
+        self.server.stdin.write((json.dumps(request) + "\n").encode())
+        pid = self._reply(timeout=60)["pid"]  # the server has created both files
+
+        def wait(timeout: float | None) -> int | None:
+            reply = self._reply(timeout)
+            return None if reply is None else reply["returncode"]
+
+        command = [sys.executable, "-m", "monai.bundle", *args]
+        return StartedRun(command, folder, lambda: os.killpg(pid, signal.SIGKILL), wait)
+
     def run(self, args: Sequence[str], env: dict[str, str], cwd: str, timeout: float) -> subprocess.CompletedProcess:
         """Runs `python -m monai.bundle ARGS` in `cwd` with `env`; returns it as `subprocess.run` would, with its
         output as text; raises `subprocess.TimeoutExpired` (after stopping it) when it runs past `timeout` s."""
-        with tempfile.TemporaryDirectory() as folder:
-            stdout, stderr = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
-            request = {"args": list(args), "env": env, "cwd": cwd, "stdout": stdout, "stderr": stderr}
-            self.server.stdin.write((json.dumps(request) + "\n").encode())
-            pid = self._reply(timeout=60)["pid"]
-            reply = self._reply(timeout)
-            command = [sys.executable, "-m", "monai.bundle", *args]
-            if reply is None:
-                os.killpg(pid, signal.SIGKILL)
-                self._reply()
-                raise subprocess.TimeoutExpired(command, timeout)
-            with open(stdout, errors="replace") as out, open(stderr, errors="replace") as err:
-                return subprocess.CompletedProcess(command, reply["returncode"], out.read(), err.read())
+        return self.start(args, env, cwd).wait(timeout)
 
     def close(self) -> None:
         self.server.stdin.close()

@@ -25,7 +25,7 @@ SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
 sys.path.insert(0, str(REPO / "ci"))
 
 import synthetic_ct  # noqa: E402
-from bundle_launcher import BundleLauncher  # noqa: E402
+from bundle_launcher import BundleLauncher, StartedRun, start_process  # noqa: E402
 
 # Small enough for 2 CPU cores: SwinUNETR needs sides divisible by 32, and 32^3 leaves a 1^3 bottleneck that
 # instance norm cannot normalise, so 64^3 is the smallest usable patch.
@@ -65,6 +65,26 @@ def _forking_launcher() -> BundleLauncher | None:
     if _launcher is None and not torch.cuda.is_available():
         _launcher = BundleLauncher(_bundle_env(), str(REPO))
     return _launcher
+
+
+# The longest modules first (measured with --durations): pytest-xdist hands whole files to the workers in
+# collection order (--dist loadfile), so the long ones start at once and the short ones fill in at the end, instead
+# of one worker finishing a long file alone while the other core idles.
+LONGEST_FIRST = (
+    "test_btcv_bundle.py",
+    "test_btcv_scripts.py",
+    "test_pretrain_bundle.py",
+    "test_inference_equivalence.py",
+    "test_msd_bundle.py",
+    "test_ssl_experiment.py",
+    "test_nothing_lost.py",
+    "test_watching_runs.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -108,13 +128,17 @@ def run_bundle(
     return proc
 
 
-def run_bundle_args(args: Sequence[str], cwd: str | Path = REPO) -> subprocess.CompletedProcess:
-    """`python -m monai.bundle ARGS` in `cwd` (forked as in `run_bundle` where possible); returns the finished run."""
+def start_bundle_args(args: Sequence[str], cwd: str | Path = REPO) -> StartedRun:
+    """Starts `python -m monai.bundle ARGS` in `cwd` (forked as in `run_bundle` where possible); returns it running."""
     forking = _forking_launcher()
     if forking is not None:
-        return forking.run(list(args), env=_bundle_env(), cwd=str(cwd), timeout=600)
-    cmd = [sys.executable, "-m", "monai.bundle", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_bundle_env(), cwd=cwd, timeout=600)
+        return forking.start(list(args), env=_bundle_env(), cwd=str(cwd))
+    return start_process(list(args), env=_bundle_env(), cwd=str(cwd))
+
+
+def run_bundle_args(args: Sequence[str], cwd: str | Path = REPO) -> subprocess.CompletedProcess:
+    """`python -m monai.bundle ARGS` in `cwd` (forked as in `run_bundle` where possible); returns the finished run."""
+    return start_bundle_args(args, cwd).wait(timeout=600)
 
 
 def verify_bundle_metadata(meta_file: Path, tmp_path: Path) -> None:

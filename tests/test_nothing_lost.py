@@ -7,17 +7,23 @@ The components are tested on the BTCV bundle's copies (the helpers are identical
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES, REPO, TINY, load_bundle_scripts, overrides_to_args, run_bundle, synthetic_ct
+from conftest import (
+    BUNDLES,
+    TINY,
+    load_bundle_scripts,
+    overrides_to_args,
+    run_bundle,
+    start_bundle_args,
+    synthetic_ct,
+)
 from ignite.engine import Engine
 from monai.transforms import Compose, RandFlipd, RandSpatialCropSamplesd
 
@@ -269,23 +275,16 @@ LOSS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/\d+ -- train_loss: ([0-9.]+)")
 
 def _train_until(args: list[str], moment, ckpt_dir) -> tuple[str, bool]:
     """Runs a training and SIGKILLs it when `moment(output_so_far)` says so; returns (output, killed)."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN)] + args
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
+    run = start_bundle_args(["run", "training", "--config_file", str(TRAIN)] + args)
     killed = False
     deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline:
-        if moment("".join(lines), ckpt_dir):
-            proc.send_signal(signal.SIGKILL)
+    while run.poll(timeout=0.005) is None and time.time() < deadline:
+        if moment(run.output(), ckpt_dir):
+            run.kill()
             killed = True
             break
-        time.sleep(0.005)
-    proc.wait()
-    reader.join(timeout=10)
-    return "".join(lines), killed
+    proc = run.wait(timeout=60)
+    return proc.stdout + proc.stderr, killed
 
 
 def _during_step_of_epoch_2(out, ckpt_dir):

@@ -25,11 +25,12 @@ SSL_TINY = {
 
 @pytest.fixture(scope="module")
 def pretrained(btcv_data, tmp_path_factory):
-    """16 iterations of tiny pre-training on the synthetic CTs (labels unused); returns (run folder, log)."""
+    """16 iterations of tiny pre-training on the synthetic CTs (labels unused), tracked with MLflow; returns (run
+    folder, log)."""
     out = tmp_path_factory.mktemp("ssl_run")
     proc = run_bundle(
         [TRAIN], "training", dataset_dir=str(btcv_data), ckpt_dir=str(out / "models"), output_dir=str(out / "eval"),
-        max_epochs=8, val_interval=4, **SSL_TINY,
+        max_epochs=8, val_interval=4, tracking="mlflow", **SSL_TINY,
     )  # fmt: skip
     return out, proc.stdout + proc.stderr
 
@@ -71,6 +72,28 @@ def test_exported_encoder_loads_with_swinunetr_load_from(pretrained):
         net.swinViT.layers3[0].blocks[1].mlp.linear1.weight,
         weights["state_dict"]["module.layers3.0.blocks.1.mlp.fc1.weight"],
     )
+
+
+def test_validation_writes_reconstruction_pictures_and_mlflow_tracks_the_run(pretrained):
+    """Each of the 4 validations writes a reconstruction picture; MLflow holds the settings, every iteration's terms,
+    the config, the pictures and the training curves."""
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    out, _ = pretrained
+    pictures = sorted((out / "eval" / "pictures").iterdir())
+    assert [p.name for p in pictures] == [f"reconstruction_{i}.png" for i in range(1, 5)]
+    with Image.open(pictures[0]) as picture:
+        assert picture.format == "PNG" and picture.size == (810, 810)
+    assert (out / "eval" / "training_curves.png").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'eval' / 'mlruns.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.params["temperature"] == "0.5" and run.data.params["roi_size"] == "[64, 64, 32]"
+    for term in ("total", "inpaint", "contrast", "rotation"):  # 16 iterations
+        assert len(client.get_metric_history(run.info.run_id, term)) == 16, term
+    logged = sorted(a.path for a in client.list_artifacts(run.info.run_id))
+    assert logged[0].startswith("config_")
+    assert logged[1:] == [p.name for p in pictures] + ["training_curves.png"]
 
 
 def test_resume_continues_the_iteration_count(pretrained, btcv_data, tmp_path):

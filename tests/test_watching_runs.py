@@ -1,4 +1,5 @@
-"""Watching runs: MLflow tracking, progress on a terminal (quiet elsewhere), and the pictures each workflow writes."""
+"""Watching runs: MLflow tracking, progress on a terminal (quiet elsewhere), and the pictures fine-tuning writes (the
+pre-training pictures and tracking: test_pretrain_bundle.py, on its run)."""
 
 import fcntl
 import json
@@ -19,10 +20,6 @@ from conftest import BUNDLES, REPO, TINY, overrides_to_args, run_bundle, run_bun
 from PIL import Image
 
 BTCV = BUNDLES / "swin_unetr_btcv" / "configs"
-PRETRAIN = BUNDLES / "swin_unetr_pretrain" / "configs"
-# 64 x 64 x 32: half the cost of a 64^3 pre-training step, still a 2 x 2 x 1 bottleneck for the contrastive head
-SSL_TINY = dict(TINY, roi_size=[64, 64, 32], num_samples=2, batch_size=1, warmup_steps=1)
-SSL_TINY.pop("warmup_epochs")
 
 
 def png_size(path):
@@ -106,28 +103,6 @@ def test_evaluation_writes_one_overlay_picture_per_case_and_tracks_them(tracked_
     assert run.data.params["output_dir"] == str(out) and run.data.params["val_fraction"] == "0.4"
     logged = sorted(a.path for a in client.list_artifacts(run.info.run_id))  # MONAI logs a folder's files flat
     assert len(logged) == 3 and logged[0].startswith("config_") and logged[1:] == ["img0004.png", "img0005.png"]
-
-
-def test_pretraining_validation_writes_reconstruction_pictures_and_tracks_them(tmp_path, btcv_data):
-    from mlflow.tracking import MlflowClient
-
-    run_bundle(
-        [PRETRAIN / "train.json"], "training", tracking="mlflow", dataset_dir=str(btcv_data / "imagesTr"),
-        ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=2, **SSL_TINY,
-    )  # fmt: skip
-    pictures = sorted(p.name for p in (tmp_path / "eval" / "pictures").iterdir())
-    assert pictures == ["reconstruction_1.png", "reconstruction_2.png"]
-    assert png_size(tmp_path / "eval" / "pictures" / "reconstruction_1.png") == (810, 810)
-    assert (tmp_path / "eval" / "training_curves.png").is_file()
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert run.data.params["temperature"] == "0.5" and run.data.params["roi_size"] == "[64, 64, 32]"
-    for term in ("total", "inpaint", "contrast", "rotation"):  # 4 training cases, one epoch
-        assert len(client.get_metric_history(run.info.run_id, term)) == 4, term
-    logged = sorted(a.path for a in client.list_artifacts(run.info.run_id))
-    assert logged[0].startswith("config_")
-    assert logged[1:] == ["reconstruction_1.png", "reconstruction_2.png", "training_curves.png"]
 
 
 def run_on_terminal(cmd, timeout=600) -> str:
