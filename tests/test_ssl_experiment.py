@@ -5,10 +5,11 @@ import json
 import math
 import os
 
+import encoder_collapse
 import pytest
 import ssl_experiment
 import torch
-from conftest import run_bundle_args
+from conftest import load_bundle_scripts, run_bundle_args
 
 
 @pytest.mark.parametrize("differences, verdict", [
@@ -151,6 +152,22 @@ def test_pretraining_checkpoint_holds_its_contrast_queue(tiny_run):
     assert queue["queued.queue"].shape == (4, 512) and int(queue["queued.filled"]) == 4
     assert torch.allclose(queue["queued.queue"].norm(dim=1), torch.ones(4))  # normalised projections
     assert "> contrast_queue_size: 4" in (tiny_run / "logs" / "pretrain.log").read_text()
+
+
+def test_relative_spread_is_zero_only_when_every_input_gives_the_same_output():
+    assert encoder_collapse.relative_spread(torch.arange(5.0).expand(3, 4, 5)) == 0.0
+    assert encoder_collapse.relative_spread(torch.tensor([[1.0, -1.0], [-1.0, 1.0]])) == pytest.approx(math.sqrt(2))
+
+
+def test_encoder_collapse_compares_each_stage_with_a_fresh_network(tiny_run):
+    """`ci/encoder_collapse.py` on the tiny run: the held-out CT and its turn in the rotation plane through the
+    pre-trained and a fresh encoder, one spread per stage; a fresh network tells its inputs apart at every stage."""
+    load_bundle_scripts("swin_unetr_pretrain")  # another bundle's `scripts` may be imported in this process
+    record = encoder_collapse.main(out_dir=str(tiny_run))
+    assert record["views"] == 2 * ssl_experiment.PRESETS["tiny"].num_test and record["input"] > 0.1
+    assert len(record["trained"]) == len(record["initial"]) == 5  # patch embedding and four Swin stages
+    assert all(spread > 0.01 for spread in record["initial"]) and all(spread > 0.0 for spread in record["trained"])
+    assert json.loads((tiny_run / "pretrain" / "encoder_collapse.json").read_text()) == record
 
 
 @pytest.mark.parametrize("pretraining_passed, scratch_dice, runs", [(True, 0.6, 12), (False, 0.6, 2), (True, 0.4, 2)])

@@ -1,0 +1,85 @@
+"""How much the pre-trained Swin encoder's output at each stage still depends on its input (docs/ssl_experiment.md).
+
+All three proxy heads of the pre-training bundle read the encoder's last stage, so an encoder whose last stage gives
+every input the same output fails all three tasks at once. This measures that for an SSL experiment's folder: the
+held-out test CTs of its gate, each also turned 90 degrees in the rotation plane, go through the pre-training
+bundle's deterministic preprocessing and a centre crop of `roi_size`, then through the encoder of
+`pretrain/models/model.pt` and through the same network freshly initialised (seed 0). For each stage it reports the
+relative spread of the (layer-normalised) outputs across those inputs; 0 means the stage ignores its input.
+
+    python ci/encoder_collapse.py --out_dir experiments/ssl_cpu
+
+Writes `pretrain/encoder_collapse.json` into `out_dir` and prints it. Measures only; trains nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from ssl_experiment import REPO, write_json_atomic
+
+PRETRAIN = os.path.join(REPO, "bundles", "swin_unetr_pretrain")
+
+
+def relative_spread(outputs: torch.Tensor) -> float:
+    """The standard deviation across inputs (dim 0), averaged over every other position, over the mean absolute
+    value: 0 when every input gives the same output, about 1 or more for unrelated outputs.
+
+    Args:
+        outputs: one stage's outputs, inputs along the first dimension (at least two).
+    """
+    return float(outputs.std(dim=0).mean() / outputs.abs().mean())
+
+
+def main(out_dir: str = "experiments/ssl_cpu") -> dict:
+    """Measures the stage-wise spread of the experiment's pre-trained encoder and of a fresh one; returns the record.
+
+    Args:
+        out_dir: an SSL experiment's folder whose pre-training and gate (a) are done (`ci/ssl_experiment.py`).
+    """
+    from monai.bundle import ConfigParser
+    from monai.transforms import CenterSpatialCropd, Compose
+
+    with open(os.path.join(out_dir, "preset.json")) as f:
+        preset = json.load(f)
+    with open(os.path.join(out_dir, "pretrain", "gate", "held_out.json")) as f:
+        images = [case["image"] for case in json.load(f)["validation"]]
+    parser = ConfigParser()
+    parser.read_config(os.path.join(PRETRAIN, "configs", "train.json"))
+    roi = [preset["roi_size"]] * 3
+    settings = dict(feature_size=preset["feature_size"], roi_size=roi, use_checkpoint=False)
+    if preset.get("pixdim"):
+        settings["pixdim"] = preset["pixdim"]
+    for key, value in settings.items():
+        parser[key] = value
+    sys.path.insert(0, PRETRAIN)  # the config's `scripts.` targets are the pre-training bundle's
+    try:
+        preprocessing = Compose(
+            parser.get_parsed_content("train#deterministic_transforms") + [CenterSpatialCropd("image", roi)]
+        )
+        trained = parser.get_parsed_content("network_def", lazy=False)
+        torch.manual_seed(0)
+        fresh = parser.get_parsed_content("network_def", lazy=False)
+    finally:
+        sys.path.remove(PRETRAIN)
+    checkpoint = os.path.join(out_dir, "pretrain", "models", "model.pt")
+    trained.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    volumes = torch.stack([preprocessing({"image": image})["image"].as_tensor() for image in images])
+    plane = [2 + axis for axis in parser["rotation_axes"]]  # the spatial axes the rotation task turns
+    views = torch.cat([volumes, torch.rot90(volumes, 1, plane)])
+    record = {"checkpoint": checkpoint, "views": len(views), "input": relative_spread(views)}
+    with torch.no_grad():
+        for name, network in (("trained", trained), ("initial", fresh)):
+            record[name] = [relative_spread(stage) for stage in network.eval().swinViT(views)]
+    write_json_atomic(record, os.path.join(out_dir, "pretrain", "encoder_collapse.json"))
+    return record
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
