@@ -505,10 +505,12 @@ def plot(out_dir: str, summary: list[dict], counts: list[int], powered: bool = T
     ax.set_xscale("log")
     ax.minorticks_off()  # only the labelled-case counts as ticks, not 3x10^0, 4x10^0
     ax.set_xticks(counts, [str(c) for c in counts])
+    ax.axhline(GATE_DICE, color="grey", linestyle="--", linewidth=0.8, label=f"gate (b): scratch at N = {max(counts)}")
+    ax.set_ylim(0.0, 1.0)  # Dice's whole range, so that the distance to the gate shows
     ax.set_xlabel("labelled training cases")
     ax.set_ylabel("mean test Dice over 13 organs")
-    note = "mean over seeds, bars: min to max" + ("" if powered else "; NOT POWERED: gates failed, no comparison")
-    ax.set_title(f"Fine-tuning from scratch, pre-trained and shuffled encoders\n({note})")
+    note = "mean over seeds, bars: min to max" + ("" if powered else "\nNOT POWERED: a gate failed, no comparison")
+    ax.set_title(f"Fine-tuning from scratch, pre-trained and shuffled encoders\n{note}", fontsize=10)
     ax.legend()
     fig.tight_layout()
     tmp = os.path.join(out_dir, "dice_vs_labelled_cases.partial.png")

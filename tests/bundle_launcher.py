@@ -12,6 +12,7 @@ where CUDA is absent; GPU machines and `torchrun` runs start a fresh interpreter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -64,6 +65,12 @@ for line in sys.stdin:
     _, status = os.waitpid(pid, 0)
     print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
 """
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILLs the process group `pid` leads; one that has just ended is left alone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 class StartedRun:
@@ -130,7 +137,7 @@ def start_process(args: Sequence[str], env: dict[str, str], cwd: str) -> Started
         except subprocess.TimeoutExpired:
             return None
 
-    return StartedRun(command, folder, lambda: os.killpg(proc.pid, signal.SIGKILL), wait)
+    return StartedRun(command, folder, lambda: _kill_group(proc.pid), wait)
 
 
 class BundleLauncher:
@@ -170,7 +177,7 @@ class BundleLauncher:
             return None if reply is None else reply["returncode"]
 
         command = [sys.executable, "-m", "monai.bundle", *args]
-        return StartedRun(command, folder, lambda: os.killpg(pid, signal.SIGKILL), wait)
+        return StartedRun(command, folder, lambda: _kill_group(pid), wait)
 
     def run(self, args: Sequence[str], env: dict[str, str], cwd: str, timeout: float) -> subprocess.CompletedProcess:
         """Runs `python -m monai.bundle ARGS` in `cwd` with `env`; returns it as `subprocess.run` would, with its
