@@ -323,6 +323,10 @@ def test_datalist_from_folder_glob(tmp_path):
     synthetic_ct.generate(str(tmp_path), num_train=4, num_test=1, shape=(32, 32, 8))
     split = datalist.build_unlabelled_datalist(str(tmp_path), image_glob="images*/*.nii.gz", val_fraction=0.2)
     assert len(split["training"]) == 4 and len(split["validation"]) == 1
+    # a plain folder of images, with the config's default glob
+    default_glob = _pretrain_config()["image_glob"]
+    split = datalist.build_unlabelled_datalist(str(tmp_path / "imagesTr"), image_glob=default_glob, val_fraction=0.2)
+    assert len(split["training"]) + len(split["validation"]) == 4 and split["validation"]
     with pytest.raises(FileNotFoundError, match="no images matching image_glob"):
         datalist.build_unlabelled_datalist(str(tmp_path), image_glob="*.mha")
     with pytest.raises(FileNotFoundError, match="does not exist or is not a folder"):
