@@ -86,6 +86,7 @@ class OpenVINOForward:
     def model_path(self, input_shape: tuple[int, ...]) -> str:
         """The cached conversion for this input shape and the network's current weights (written if missing)."""
         import openvino
+        from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
 
         key = weights_key(self.network, input_shape)
         folder = os.path.join(self.cache_dir, key)
@@ -101,9 +102,12 @@ class OpenVINOForward:
             # traced in float32 even under the bfloat16 autocast of `--amp True` (the precision is OpenVINO's)
             with torch.no_grad(), torch.autocast("cpu", enabled=False):
                 example = torch.zeros(input_shape)
-                model = openvino.convert_model(
-                    _PyTorchForward(self.network).eval(), example_input=example, input=[tuple(input_shape)]
+                # OpenVINO's tracing decoder as `convert_model` builds it, less PyTorch's default `check_trace`: a
+                # second trace and two more forward passes, checking for branches that this network does not have
+                decoder = TorchScriptPythonDecoder(
+                    _PyTorchForward(self.network).eval(), example_input=example, trace_kwargs={"check_trace": False}
                 )
+                model = openvino.convert_model(decoder, example_input=example, input=[tuple(input_shape)])
             openvino.save_model(model, os.path.join(partial, "model.xml"), compress_to_fp16=False)
             try:
                 os.rename(partial, folder)
