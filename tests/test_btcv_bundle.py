@@ -170,8 +170,9 @@ def test_inference_keeps_input_geometry(trained, tmp_path):
 
 
 def test_fold_ensemble_names_a_missing_fold_first_and_with_tta_predicts_dicom_like_one_model(trained, tmp_path):
-    """`inference_ensemble.json` (folds 0-4 under ckpt_dir) with `tta`, DICOM in and DICOM SEG out: five copies of
-    one model give that model's mirrored prediction; a missing fold stops the run before any case is read."""
+    """`inference_ensemble.json` with `tta`, DICOM in and DICOM SEG out: a missing fold of the default five under
+    ckpt_dir stops the run before any case is read; copies of one model give that model's mirrored prediction (two
+    copies here: the five default folds are averaged in `test_tta_ensemble.py`)."""
     out, _ = trained
     images = tmp_path / "images"
     image, _, affine = synthetic_ct.make_case(seed=22, shape=(100, 90, 24))
@@ -187,10 +188,9 @@ def test_fold_ensemble_names_a_missing_fold_first_and_with_tta_predicts_dicom_li
     assert last.endswith(f"checkpoints: 1 of 5 missing: {folds / 'fold4' / 'model.pt'}"), last
     assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
 
-    (folds / "fold4").mkdir()
-    shutil.copy(out / "models" / "model.pt", folds / "fold4" / "model.pt")
-    proc = run_bundle([INFERENCE, ENSEMBLE], ckpt_dir=str(folds), **settings)
-    assert "each window is the mean probability of 5 models" in proc.stdout + proc.stderr
+    copies = [str(folds / f"fold{fold}" / "model.pt") for fold in (0, 1)]
+    proc = run_bundle([INFERENCE, ENSEMBLE], ckpt_dir=str(folds), checkpoints=copies, **settings)
+    assert "each window is the mean probability of 2 models" in proc.stdout + proc.stderr
     assert "each case is predicted 8 times" in proc.stdout + proc.stderr
     run_bundle([INFERENCE], ckpt_dir=str(out / "models"), **dict(settings, output_dir=str(tmp_path / "one")))
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["series_seg.dcm", "series_seg.nii.gz"]
