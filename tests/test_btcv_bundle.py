@@ -356,7 +356,7 @@ def test_pretrained_encoder_is_loaded_into_fine_tuning(btcv_data, tmp_path):
     proc = run_bundle(
         [TRAIN], "training", dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"),
         output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=1, use_pretrained=True,
-        pretrained_path=str(tmp_path / "model_swinvit.pt"), learning_rate=0.0, **TINY,
+        pretrained_path=str(tmp_path / "model_swinvit.pt"), learning_rate=0.0, num_train_cases=1, **TINY,
     )  # fmt: skip
     assert re.search(r"loaded 126 of 126 encoder tensors from .*model_swinvit.pt", proc.stdout + proc.stderr)
     # learning rate 0: the saved network still holds the pre-trained encoder exactly

@@ -117,7 +117,7 @@ def test_fine_tuning_starts_from_the_exported_encoder(pretrained, btcv_data, tmp
     proc = run_bundle(
         [BTCV_TRAIN], "training", dataset_dir=str(btcv_data), ckpt_dir=str(tmp_path / "models"),
         output_dir=str(tmp_path / "eval"), max_epochs=1, val_interval=1, use_pretrained=True,
-        pretrained_path=str(out / "models" / "model_swinvit.pt"), learning_rate=0.0, **TINY,
+        pretrained_path=str(out / "models" / "model_swinvit.pt"), learning_rate=0.0, num_train_cases=1, **TINY,
     )  # fmt: skip
     assert re.search(r"loaded 126 of 126 encoder tensors", proc.stdout + proc.stderr)
     tuned = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
