@@ -1,5 +1,6 @@
-"""Seconds to convert the paper-sized network (feature 48, one 96³ window) to OpenVINO, the bundles' way (tracing
-without PyTorch's `check_trace`) against `openvino.convert_model`'s own tracing, and how far each conversion's output
+"""Seconds to convert the paper-sized network (feature 48, one 96³ window) to OpenVINO, the bundles' way
+(`scripts.openvino_engine.convert`: tracing without PyTorch's `check_trace`) against `openvino.convert_model`'s own
+tracing, and how far each conversion's output
 is from PyTorch's on one random window (docs/performance.md, "CPU inference through OpenVINO").
 
     python ci/openvino_conversion.py [--threads 2]
@@ -9,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import openvino
 import torch
 from monai.networks.nets import SwinUNETR
-from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
+
+BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles", "swin_unetr_btcv")
 
 
 def measure(threads: int) -> None:
@@ -23,6 +27,9 @@ def measure(threads: int) -> None:
     Args:
         threads: PyTorch's and OpenVINO's thread count.
     """
+    sys.path.insert(0, BUNDLE)
+    from scripts.openvino_engine import convert
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     network = SwinUNETR(1, 14, feature_size=48).eval()
@@ -31,15 +38,15 @@ def measure(threads: int) -> None:
     with torch.no_grad():
         expected = network(window)
     ways = {
-        "bundles (check_trace off)": lambda: TorchScriptPythonDecoder(
-            network, example_input=example, trace_kwargs={"check_trace": False}
+        "bundles (check_trace off)": lambda: convert(network, tuple(example.shape)),
+        "convert_model's own tracing": lambda: openvino.convert_model(
+            network, example_input=example, input=[tuple(example.shape)]
         ),
-        "convert_model's own tracing": lambda: network,
     }
-    for way, model in ways.items():
+    for way, converting in ways.items():
         start = time.perf_counter()
         with torch.no_grad():
-            converted = openvino.convert_model(model(), example_input=example, input=[tuple(example.shape)])
+            converted = converting()
         seconds = time.perf_counter() - start
         compiled = openvino.Core().compile_model(converted, "CPU", {"INFERENCE_NUM_THREADS": threads})
         output = torch.from_numpy(compiled(window.numpy())[0])

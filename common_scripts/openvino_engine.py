@@ -54,6 +54,27 @@ class _PyTorchForward(nn.Module):
         return type(self.network).forward(self.network, x)
 
 
+def convert(network: nn.Module, input_shape: tuple[int, ...]) -> Any:
+    """The network's own forward converted to an OpenVINO model for inputs of `input_shape`, traced in float32 even
+    under the bfloat16 autocast of `--amp True` (the precision is OpenVINO's, chosen at compilation).
+
+    Args:
+        network: the PyTorch network (on the CPU).
+        input_shape: the shape of the input the conversion is for.
+    """
+    import openvino
+    from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
+
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        example = torch.zeros(input_shape)
+        # OpenVINO's tracing decoder as `convert_model` builds it, less PyTorch's default `check_trace`: a second
+        # trace and two more forward passes, checking for branches that this network does not have
+        decoder = TorchScriptPythonDecoder(
+            _PyTorchForward(network).eval(), example_input=example, trace_kwargs={"check_trace": False}
+        )
+        return openvino.convert_model(decoder, example_input=example, input=[tuple(input_shape)])
+
+
 def _weights_version(network: nn.Module) -> tuple:
     """Changes whenever a parameter or buffer is replaced or written in place (e.g. by `load_state_dict`)."""
     return tuple((id(t), t._version) for t in network.state_dict(keep_vars=True).values())
@@ -85,7 +106,6 @@ class OpenVINOForward:
     def model_path(self, input_shape: tuple[int, ...]) -> str:
         """The cached conversion for this input shape and the network's current weights (written if missing)."""
         import openvino
-        from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
 
         key = weights_key(self.network, input_shape)
         folder = os.path.join(self.cache_dir, key)
@@ -98,16 +118,9 @@ class OpenVINOForward:
         partial = partial_path(folder)  # a folder renamed into place: both files appear together or not at all
         shutil.rmtree(partial, ignore_errors=True)
         try:
-            # traced in float32 even under the bfloat16 autocast of `--amp True` (the precision is OpenVINO's)
-            with torch.no_grad(), torch.autocast("cpu", enabled=False):
-                example = torch.zeros(input_shape)
-                # OpenVINO's tracing decoder as `convert_model` builds it, less PyTorch's default `check_trace`: a
-                # second trace and two more forward passes, checking for branches that this network does not have
-                decoder = TorchScriptPythonDecoder(
-                    _PyTorchForward(self.network).eval(), example_input=example, trace_kwargs={"check_trace": False}
-                )
-                model = openvino.convert_model(decoder, example_input=example, input=[tuple(input_shape)])
-            openvino.save_model(model, os.path.join(partial, "model.xml"), compress_to_fp16=False)
+            openvino.save_model(
+                convert(self.network, input_shape), os.path.join(partial, "model.xml"), compress_to_fp16=False
+            )
             try:
                 os.rename(partial, folder)
             except OSError:  # another process wrote the same conversion first
