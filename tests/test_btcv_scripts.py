@@ -53,6 +53,41 @@ def test_training_curves_log_the_loss_and_the_key_metric_at_the_trainer_iteratio
     assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_training_curves_csv_holds_each_validation_with_per_class_means_named_from_label_one(tmp_path):
+    """One row per validation (trainer iteration and epoch, seconds, key metric), and each class's mean over cases
+    of the metric's details, ignoring NaN (a class absent from a case); background left out, so the columns take
+    the names of labels 1 and 2."""
+    import csv
+
+    from ignite.engine import Engine, Events
+
+    details = torch.tensor([[0.2, float("nan")], [0.4, 0.6]])
+
+    def score(engine):
+        engine.state.metrics["val_mean_dice"] = 0.1 * engine.state.epoch
+        engine.state.metric_details = {"val_mean_dice": details * engine.state.epoch}
+
+    validator = Engine(lambda engine, batch: None)
+    validator.state.key_metric_name = "val_mean_dice"
+    validator.add_event_handler(Events.COMPLETED, score)
+    trainer = Engine(lambda engine, batch: [{"loss": torch.tensor(1.0)}])
+    names = {"0": "background", "1": "spleen", "2": "right kidney"}
+    plot = curves.TrainingCurvesPlot(str(tmp_path), validator=validator, label_names=names)
+    plot.attach(trainer)
+    trainer.add_event_handler(
+        Events.EPOCH_COMPLETED(every=2), lambda _: validator.run([0], max_epochs=trainer.state.epoch)
+    )
+    trainer.run(range(3), max_epochs=4)
+    with open(tmp_path / "training_curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["iteration"], r["epoch"]) for r in rows] == [("6", "2"), ("12", "4")]
+    assert list(rows[0]) == ["iteration", "epoch", "seconds", "val_mean_dice", "spleen", "right kidney"]
+    assert [float(r["spleen"]) for r in rows] == pytest.approx([0.6, 1.2])  # (0.2 + 0.4) / 2 x epoch 2, then 4
+    assert [float(r["right kidney"]) for r in rows] == pytest.approx([1.2, 2.4])  # the NaN case left out
+    assert 0 <= float(rows[0]["seconds"]) <= float(rows[1]["seconds"])
+    assert not [p for p in os.listdir(tmp_path) if "partial" in p]
+
+
 def test_overlay_edges_name_where_the_patient_is():
     """A blob at the patient's right, anterior and superior side of an LPS-stored volume appears, in every view, at
     the edges the pictures label R, A and S; in the radiological convention, the patient's right is on the viewer's

@@ -386,3 +386,26 @@ def test_changelog_entries_are_one_short_line(bundle):
     changelog = json.loads((BUNDLES / bundle / "configs" / "metadata.json").read_text())["changelog"]
     long = {version: len(text) for version, text in changelog.items() if len(text) > 120 or "\n" in text}
     assert not long, f"entries over 120 characters: {long}"
+
+
+@pytest.mark.parametrize("augment_left_right", [True, False])
+@pytest.mark.parametrize("bundle", SEGMENTATION_BUNDLES)
+def test_augment_left_right_switches_off_only_the_augmentations_that_swap_the_patients_sides(
+    bundle, augment_left_right
+):
+    """`augment_left_right False` (short runs) zeroes the flip along the RAS left-right axis and the axial quarter
+    turns; the other flips and the intensity augmentations keep the paper's probabilities, and each transform still
+    draws its random numbers, so every other augmentation stays as it was for the same seed."""
+    from monai.bundle import ConfigParser
+
+    with _scripts_of(bundle):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
+        parser["augment_left_right"] = augment_left_right
+        transforms = parser.get_parsed_content("train#random_transforms")
+    swapping = 0.1 if augment_left_right else 0.0
+    flips = {t.flipper.spatial_axis: t.prob for t in transforms if type(t).__name__ == "RandFlipd"}
+    assert flips == {0: swapping, 1: 0.1, 2: 0.1}
+    (turns,) = [t for t in transforms if type(t).__name__ == "RandRotate90d"]
+    assert turns.prob == swapping and tuple(turns.spatial_axes) == (0, 1)
+    assert [t.prob for t in transforms if type(t).__name__.startswith(("RandScale", "RandShift"))] == [0.1, 0.5]
