@@ -35,32 +35,60 @@ def relative_spread(outputs: torch.Tensor) -> float:
     return float(outputs.std(dim=0).mean() / outputs.abs().mean())
 
 
+def bundle_parser(**settings: object):
+    """The pre-training bundle's train config with `settings` (public settings, as on the command line) applied."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(PRETRAIN, "configs", "train.json"))
+    for key, value in settings.items():
+        parser[key] = value
+    return parser
+
+
+def held_out_views(parser, images: list[str], roi: list[int]) -> torch.Tensor:
+    """`images` through the config's deterministic preprocessing and a centre crop of `roi`, each also turned 90
+    degrees in the config's rotation plane: (2 x len(images), 1, *roi)."""
+    from monai.transforms import CenterSpatialCropd, Compose
+
+    sys.path.insert(0, PRETRAIN)  # the config's `scripts.` targets are the pre-training bundle's
+    try:
+        transforms = parser.get_parsed_content("train#deterministic_transforms")
+    finally:
+        sys.path.remove(PRETRAIN)
+    preprocessing = Compose(transforms + [CenterSpatialCropd("image", roi)])
+    volumes = torch.stack([preprocessing({"image": image})["image"].as_subclass(torch.Tensor) for image in images])
+    plane = [2 + axis for axis in parser["rotation_axes"]]  # the spatial axes the rotation task turns
+    return torch.cat([volumes, torch.rot90(volumes, 1, plane)])
+
+
+def stage_spreads(encoder: torch.nn.Module, views: torch.Tensor) -> list[float]:
+    """`relative_spread` of each stage's outputs of a MONAI `SwinTransformer` across `views`, in eval mode."""
+    was_training = encoder.training
+    with torch.no_grad():
+        spreads = [relative_spread(stage.float()) for stage in encoder.eval()(views)]
+    encoder.train(was_training)
+    return spreads
+
+
 def main(out_dir: str = "experiments/ssl_cpu") -> dict:
     """Measures the stage-wise spread of the experiment's pre-trained encoder and of a fresh one; returns the record.
 
     Args:
         out_dir: an SSL experiment's folder whose pre-training and gate (a) are done (`ci/ssl_experiment.py`).
     """
-    from monai.bundle import ConfigParser
-    from monai.transforms import CenterSpatialCropd, Compose
-
     with open(os.path.join(out_dir, "preset.json")) as f:
         preset = json.load(f)
     with open(os.path.join(out_dir, "pretrain", "gate", "held_out.json")) as f:
         images = [case["image"] for case in json.load(f)["validation"]]
-    parser = ConfigParser()
-    parser.read_config(os.path.join(PRETRAIN, "configs", "train.json"))
     roi = [preset["roi_size"]] * 3
     settings = dict(feature_size=preset["feature_size"], roi_size=roi, use_checkpoint=False)
     if preset.get("pixdim"):
         settings["pixdim"] = preset["pixdim"]
-    for key, value in settings.items():
-        parser[key] = value
-    sys.path.insert(0, PRETRAIN)  # the config's `scripts.` targets are the pre-training bundle's
+    parser = bundle_parser(**settings)
+    views = held_out_views(parser, images, roi)
+    sys.path.insert(0, PRETRAIN)
     try:
-        preprocessing = Compose(
-            parser.get_parsed_content("train#deterministic_transforms") + [CenterSpatialCropd("image", roi)]
-        )
         trained = parser.get_parsed_content("network_def", lazy=False)
         torch.manual_seed(0)
         fresh = parser.get_parsed_content("network_def", lazy=False)
@@ -68,13 +96,9 @@ def main(out_dir: str = "experiments/ssl_cpu") -> dict:
         sys.path.remove(PRETRAIN)
     checkpoint = os.path.join(out_dir, "pretrain", "models", "model.pt")
     trained.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    volumes = torch.stack([preprocessing({"image": image})["image"].as_tensor() for image in images])
-    plane = [2 + axis for axis in parser["rotation_axes"]]  # the spatial axes the rotation task turns
-    views = torch.cat([volumes, torch.rot90(volumes, 1, plane)])
     record = {"checkpoint": checkpoint, "views": len(views), "input": relative_spread(views)}
-    with torch.no_grad():
-        for name, network in (("trained", trained), ("initial", fresh)):
-            record[name] = [relative_spread(stage) for stage in network.eval().swinViT(views)]
+    for name, network in (("trained", trained), ("initial", fresh)):
+        record[name] = stage_spreads(network.swinViT, views)
     write_json_atomic(record, os.path.join(out_dir, "pretrain", "encoder_collapse.json"))
     return record
 
