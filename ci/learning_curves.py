@@ -63,6 +63,7 @@ ARMS = {  # name: (config overlays from ci/learning_curves/, settings changed fr
     "unet": (["unet.json"], {}),
     "no_left_right_augmentation": ([], {"augment_left_right": False}),
     "lr_4e-3": ([], {"learning_rate": 0.004}),
+    "lr_4e-3_no_left_right_augmentation": ([], {"learning_rate": 0.004, "augment_left_right": False}),
 }
 
 
