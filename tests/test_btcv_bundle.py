@@ -321,7 +321,7 @@ def test_workflow_properties_are_complete(workflow_type, config, btcv_data):
     load_bundle_scripts("swin_unetr_btcv")  # the parser locates `scripts.*` lazily
     workflow = ConfigWorkflow(
         config_file=str(config), meta_file=str(CONFIGS / "metadata.json"), logging_file=str(CONFIGS / "logging.conf"),
-        workflow_type=workflow_type, dataset_dir=str(btcv_data),
+        workflow_type=workflow_type, num_workers=0, dataset_dir=str(btcv_data),
     )  # fmt: skip
     workflow.initialize()
     assert not workflow.check_properties()

@@ -223,7 +223,7 @@ def test_workflow_properties_are_complete(workflow_type, config, tmp_path):
     data = generate_task(str(tmp_path / "Task09_Spleen"), "Task09_Spleen", num_train=5, num_test=1, shape=(40, 36, 20))
     workflow = ConfigWorkflow(
         config_file=str(config), meta_file=str(CONFIGS / "metadata.json"), logging_file=str(CONFIGS / "logging.conf"),
-        workflow_type=workflow_type, dataset_dir=data,
+        workflow_type=workflow_type, num_workers=0, dataset_dir=data,
     )  # fmt: skip
     workflow.initialize()
     assert not workflow.check_properties()
