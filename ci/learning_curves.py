@@ -64,6 +64,7 @@ ARMS = {  # name: (config overlays from ci/learning_curves/, settings changed fr
     "no_left_right_augmentation": ([], {"augment_left_right": False}),
     "lr_4e-3": ([], {"learning_rate": 0.004}),
     "lr_4e-3_no_left_right_augmentation": ([], {"learning_rate": 0.004, "augment_left_right": False}),
+    "lr_8e-3_no_left_right_augmentation": ([], {"learning_rate": 0.008, "augment_left_right": False}),
 }
 
 
