@@ -19,7 +19,8 @@ Seconds are wall-clock inside the training process and include validation; runs 
 work are marked in the record by whoever ran them, and their minutes are not comparable.
 
     python ci/learning_curves.py --out_dir experiments/learning_curves                 # shipped, reference, unet
-    python ci/learning_curves.py --out_dir experiments/learning_curves --arms "['shipped','no_lr_flips']"
+    python ci/learning_curves.py --out_dir experiments/learning_curves --arms "['lr_4e-3']" --seeds "[0]"  # a lever
+    python ci/learning_curves.py --out_dir experiments/learning_curves --arms "[...]" --train False  # summary only
 
 An interrupted command resumes: a run is done once its curve is copied to `runs/<arm>_seed<k>.csv` (atomically,
 at its end); an unfinished run starts again from scratch. `curves.csv` (mean, min and max over seeds per arm and
@@ -188,8 +189,10 @@ def main(
     seeds: tuple[int, ...] = (0, 1, 2),
     steps: int = 384,
     val_every: int = 32,
+    train: bool = True,
 ) -> dict:
-    """Runs every arm for every seed (seed-major, so that each arm has its first seed early), then summarises."""
+    """Runs every arm for every seed (seed-major, so that each arm has its first seed early), then summarises;
+    `train` False only summarises the runs already finished (e.g. levers run with one seed beside the base arms)."""
     if steps % NUM_TRAIN or val_every % NUM_TRAIN:
         raise ValueError(f"steps and val_every must be multiples of {NUM_TRAIN} (one epoch), got {steps}, {val_every}.")
     unknown = [arm for arm in arms if arm not in ARMS]
@@ -197,11 +200,14 @@ def main(
         raise ValueError(f"arms {unknown} are not among {sorted(ARMS)}.")
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    data = make_data(out_dir)
+    data = make_data(out_dir) if train else None
     result = {}
     for seed in seeds:
         for arm in arms:
-            run_one(out_dir, data, arm, seed, steps, val_every)
+            if train:
+                run_one(out_dir, data, arm, seed, steps, val_every)
+            elif not os.path.exists(os.path.join(out_dir, "runs", f"{arm}_seed{seed}.csv")):
+                continue
             rows = summarise(out_dir, list(arms), list(seeds))
             plot(out_dir, rows)
             if "shipped" in arms and "reference" in arms:

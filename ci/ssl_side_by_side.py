@@ -234,7 +234,7 @@ class BundleArm:
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.clip)
         self.optimizer.step()
         self.schedule.step()
-        return {"total": float(loss), **self.loss.terms}
+        return {"total": loss.item(), **self.loss.terms}
 
 
 class ReleasedArm:
@@ -272,8 +272,8 @@ class ReleasedArm:
         loss.backward()
         self.optimizer.step()
         self.schedule.step()
-        return {"total": float(loss), "inpaint": float(inpaint), "contrast": float(contrast),
-                "rotation": float(rotation)}  # fmt: skip
+        return {"total": loss.item(), "inpaint": inpaint.item(), "contrast": contrast.item(),
+                "rotation": rotation.item()}  # fmt: skip
 
 
 def run_arm(arm, batches: SharedBatches, views: torch.Tensor, spread_every: int, path: str) -> list[dict]:

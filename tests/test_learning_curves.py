@@ -53,3 +53,12 @@ def test_budgets_that_are_not_whole_epochs_or_unknown_arms_are_refused(tmp_path)
         learning_curves.main(out_dir=str(tmp_path), steps=100)
     with pytest.raises(ValueError, match="not among"):
         learning_curves.main(out_dir=str(tmp_path), arms=("shipped", "bigger"))
+
+
+def test_summary_only_reads_the_finished_runs_and_trains_nothing(tmp_path):
+    write_curve(tmp_path, "shipped", 0, [(32, 60, 0.10, 0.5)])
+    write_curve(tmp_path, "reference", 0, [(32, 60, 0.12, 0.5)])
+    result = learning_curves.main(out_dir=str(tmp_path), arms=("shipped", "reference", "unet"), train=False)
+    assert result["steps"] == [32] and result["within"]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "work").exists()
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
