@@ -384,6 +384,7 @@ def main(released: str, out_dir: str = "experiments/ssl_side_by_side", arms: tup
     if unknown:
         raise ValueError(f"arms {unknown} are not among {list(ARMS)}.")
     code = cpu_released_modules(released) if "released" in arms else None
+    torch.set_flush_denormal(True)  # as the bundles' `initialize` does; only values below float32's normal range change
     out_dir = os.path.abspath(out_dir)
     os.makedirs(os.path.join(out_dir, "arms"), exist_ok=True)
     lists = prepare_data(out_dir, PRESET)
