@@ -46,17 +46,21 @@ def bundle_parser(**settings: object):
     return parser
 
 
+def parsed(parser, key: str):
+    """`key` of a pre-training config, its `scripts.` targets resolved against the pre-training bundle's."""
+    sys.path.insert(0, PRETRAIN)
+    try:
+        return parser.get_parsed_content(key, lazy=False)
+    finally:
+        sys.path.remove(PRETRAIN)
+
+
 def held_out_views(parser, images: list[str], roi: list[int]) -> torch.Tensor:
     """`images` through the config's deterministic preprocessing and a centre crop of `roi`, each also turned 90
     degrees in the config's rotation plane: (2 x len(images), 1, *roi)."""
     from monai.transforms import CenterSpatialCropd, Compose
 
-    sys.path.insert(0, PRETRAIN)  # the config's `scripts.` targets are the pre-training bundle's
-    try:
-        transforms = parser.get_parsed_content("train#deterministic_transforms")
-    finally:
-        sys.path.remove(PRETRAIN)
-    preprocessing = Compose(transforms + [CenterSpatialCropd("image", roi)])
+    preprocessing = Compose(parsed(parser, "train#deterministic_transforms") + [CenterSpatialCropd("image", roi)])
     volumes = torch.stack([preprocessing({"image": image})["image"].as_subclass(torch.Tensor) for image in images])
     plane = [2 + axis for axis in parser["rotation_axes"]]  # the spatial axes the rotation task turns
     return torch.cat([volumes, torch.rot90(volumes, 1, plane)])
@@ -87,13 +91,9 @@ def main(out_dir: str = "experiments/ssl_cpu") -> dict:
         settings["pixdim"] = preset["pixdim"]
     parser = bundle_parser(**settings)
     views = held_out_views(parser, images, roi)
-    sys.path.insert(0, PRETRAIN)
-    try:
-        trained = parser.get_parsed_content("network_def", lazy=False)
-        torch.manual_seed(0)
-        fresh = parser.get_parsed_content("network_def", lazy=False)
-    finally:
-        sys.path.remove(PRETRAIN)
+    trained = parsed(parser, "network_def")
+    torch.manual_seed(0)
+    fresh = parsed(parser, "network_def")
     checkpoint = os.path.join(out_dir, "pretrain", "models", "model.pt")
     trained.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     record = {"checkpoint": checkpoint, "views": len(views), "input": relative_spread(views)}

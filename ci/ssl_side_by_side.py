@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.join(REPO, "ci"))
 import encoder_collapse  # noqa: E402
 from ssl_experiment import PRESETS, prepare_data, write_json_atomic  # noqa: E402
 
-PRETRAIN = encoder_collapse.PRETRAIN
+parsed = encoder_collapse.parsed
 PRESET = PRESETS["cpu"]
 STEPS = PRESET.pretrain_epochs * math.ceil(PRESET.num_unlabelled / PRESET.pretrain_batch)
 SETTINGS = {  # the powered CPU preset's pre-training, as ssl_experiment.pretrain passes it
@@ -87,14 +87,6 @@ def arm_settings(arm: str) -> dict:
     if "learning_rate" in changes:  # the warm-up stays the same share of the run
         settings["warmup_steps"] = SETTINGS["warmup_steps"]
     return settings
-
-
-def parsed(parser, key: str):
-    sys.path.insert(0, PRETRAIN)  # the config's `scripts.` targets are the pre-training bundle's
-    try:
-        return parser.get_parsed_content(key, lazy=False)
-    finally:
-        sys.path.remove(PRETRAIN)
 
 
 def split_random_transforms(parser) -> tuple[list, list]:

@@ -11,7 +11,6 @@ TensorBoard and MLflow hold the same numbers, but need a server to look at; thes
 from __future__ import annotations
 
 import csv
-import io
 import os
 import time
 from typing import Any
@@ -45,8 +44,8 @@ def _loss_of(output: Any) -> float:
 
 def class_means(details: Any) -> list[float]:
     """Per-class mean over cases of a metric's details (cases x classes), ignoring the NaNs of absent classes."""
-    values = torch.as_tensor(details, dtype=torch.float64).reshape(-1, torch.as_tensor(details).shape[-1])
-    return torch.nanmean(values, dim=0).tolist()
+    values = torch.as_tensor(details, dtype=torch.float64)
+    return torch.nanmean(values.reshape(-1, values.shape[-1]), dim=0).tolist()
 
 
 class TrainingCurvesPlot(MetricLogger):
@@ -111,13 +110,11 @@ class TrainingCurvesPlot(MetricLogger):
             means = class_means(details)
             row.update(zip(self._class_names(len(means)), means))
         self.rows.append(row)
-        table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in self.rows for k in r)))
-        writer.writeheader()
-        writer.writerows(self.rows)
         os.makedirs(os.path.dirname(self.csv_path) or ".", exist_ok=True)
         with atomic_path(self.csv_path) as partial, open(partial, "w") as f:
-            f.write(table.getvalue())
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in self.rows for k in r)))
+            writer.writeheader()
+            writer.writerows(self.rows)
 
     def draw(self, _: Engine | None = None) -> None:
         """Writes the PNG."""
